@@ -1,0 +1,49 @@
+"""multicam: Grad-CAM and its relatives with one API for PyTorch, TensorFlow/Keras and JAX.
+
+``import multicam`` imports no deep-learning framework; a backend is loaded when a model
+of its framework is explained.
+
+Example:
+    >>> import multicam as mc  # doctest: +SKIP
+    >>> res = mc.GradCAM(model, layer="features.7")(x, targets=4)  # doctest: +SKIP
+    >>> res.maps.shape  # (N, T, H, W)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from . import algebra, errors, zoo
+from .cam import CAM, CAMResult, GradCAM
+from .errors import (
+    BackendError,
+    BackendNotInstalledError,
+    InputError,
+    LayerError,
+    MulticamError,
+    NonFiniteError,
+    OptionError,
+    TargetError,
+    UnsupportedModelError,
+)
+from .targets import Targets
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CAM",
+    "BackendError",
+    "BackendNotInstalledError",
+    "CAMResult",
+    "GradCAM",
+    "InputError",
+    "LayerError",
+    "MulticamError",
+    "NonFiniteError",
+    "OptionError",
+    "TargetError",
+    "Targets",
+    "UnsupportedModelError",
+    "__version__",
+    "algebra",
+    "errors",
+    "zoo",
+]

@@ -1,0 +1,185 @@
+"""The Grad-CAM algebra in pure NumPy: pool, weigh, rectify, resize, normalise.
+
+This module imports no framework and never loops over images: every function is
+vectorised over the batch N, the targets T and the channels K, for any number of spatial
+dims S (1-D signals, 2-D images, 3-D volumes). The canonical layout is channels-first:
+activations ``(N, K, *S)``, gradients ``(N, T, K, *S)``, maps ``(N, T, *S)``.
+
+Resizing follows one convention, written down so results can be compared across
+frameworks: ``"linear"`` (alias ``"bilinear"``, ``"trilinear"``) samples at half-pixel
+centres and clamps at the borders, which equals
+``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)`` everywhere,
+``tf.image.resize(method="bilinear")`` everywhere, and ``jax.image.resize(method="linear")``
+when upsampling (JAX antialiases when downsampling; multicam does not).
+``"nearest"`` samples the source pixel whose half-pixel cell holds the target centre
+(torch's ``"nearest-exact"``, TensorFlow's and JAX's ``"nearest"``).
+``align_corners=True`` maps the corner pixels' centres onto each other instead
+(``torch``'s ``align_corners=True``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+__all__ = [
+    "channel_weights",
+    "interpolation_matrix",
+    "normalize",
+    "relu",
+    "resize",
+    "weighted_sum",
+]
+
+Interpolation = Literal["linear", "bilinear", "trilinear", "nearest"]
+_LINEAR = ("linear", "bilinear", "trilinear")
+
+
+def channel_weights(gradients: np.ndarray, pooling: Literal["mean"] = "mean") -> np.ndarray:
+    """Pool gradients over space into one weight per target and channel.
+
+    Args:
+        gradients: ``(N, T, K, *S)`` d score / d activations.
+        pooling: ``"mean"`` (Grad-CAM: global average of the gradients).
+
+    Returns:
+        ``(N, T, K)`` float32 channel weights alpha.
+
+    Example:
+        >>> channel_weights(np.ones((1, 1, 2, 3, 3))).tolist()
+        [[[1.0, 1.0]]]
+    """
+    if pooling != "mean":
+        raise ValueError(f"unknown pooling {pooling!r}; expected 'mean'")
+    n, t, k = gradients.shape[:3]
+    return gradients.reshape(n, t, k, -1).mean(axis=3, dtype=np.float64).astype(np.float32)
+
+
+def weighted_sum(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Sum of the activation maps weighted per target: ``sum_k weights[n,t,k] * A[n,k]``.
+
+    Args:
+        activations: ``(N, K, *S)``.
+        weights: ``(N, T, K)``.
+
+    Returns:
+        ``(N, T, *S)`` float32 signed map.
+    """
+    n, k = activations.shape[:2]
+    spatial = activations.shape[2:]
+    flat = activations.reshape(n, k, -1).astype(np.float32, copy=False)
+    # One batched matrix product (N, T, K) @ (N, K, P): BLAS does the work.
+    return np.matmul(weights.astype(np.float32, copy=False), flat).reshape(
+        n, weights.shape[1], *spatial
+    )
+
+
+def relu(maps: np.ndarray) -> np.ndarray:
+    """Keep the positive evidence: ``max(maps, 0)``."""
+    return np.maximum(maps, 0, dtype=np.float32)
+
+
+def interpolation_matrix(
+    in_size: int,
+    out_size: int,
+    method: Interpolation = "linear",
+    align_corners: bool = False,
+) -> np.ndarray:
+    """The ``(out_size, in_size)`` matrix that resizes one axis.
+
+    Args:
+        in_size: source length along the axis.
+        out_size: target length.
+        method: ``"linear"`` (``"bilinear"``, ``"trilinear"``) or ``"nearest"``.
+        align_corners: map corner pixel centres onto each other (linear only).
+
+    Returns:
+        float64 matrix ``M`` with ``resized = M @ source`` along that axis; rows sum to 1.
+    """
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"cannot resize an axis of length {in_size} to {out_size}")
+    dst = np.arange(out_size, dtype=np.float64)
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    rows = np.arange(out_size)
+    if method == "nearest":
+        if align_corners:
+            raise ValueError("align_corners=True applies to linear interpolation only")
+        src = np.floor((dst + 0.5) * (in_size / out_size)).astype(np.int64)
+        matrix[rows, np.minimum(src, in_size - 1)] = 1.0
+        return matrix
+    if method not in _LINEAR:
+        raise ValueError(f"unknown interpolation {method!r}; expected 'linear' or 'nearest'")
+    if align_corners:
+        scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+        src = dst * scale
+    else:
+        src = np.clip((dst + 0.5) * (in_size / out_size) - 0.5, 0.0, None)
+    lower = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    upper = np.minimum(lower + 1, in_size - 1)
+    frac = src - lower
+    np.add.at(matrix, (rows, lower), 1.0 - frac)
+    np.add.at(matrix, (rows, upper), frac)
+    return matrix
+
+
+def resize(
+    maps: np.ndarray,
+    size: Sequence[int],
+    method: Interpolation = "linear",
+    align_corners: bool = False,
+) -> np.ndarray:
+    """Resize the trailing ``len(size)`` axes of ``maps`` to ``size``.
+
+    Separable: one small matrix product per spatial axis, batched over all leading axes.
+
+    Args:
+        maps: ``(..., *S)``, e.g. ``(N, T, H, W)``.
+        size: the target ``S_out``, same length as ``S``.
+        method: ``"linear"`` (``"bilinear"``, ``"trilinear"``) or ``"nearest"``.
+        align_corners: see :func:`interpolation_matrix`.
+
+    Returns:
+        ``(..., *S_out)`` float32.
+
+    Example:
+        >>> resize(np.array([[0.0, 1.0]]), (4,)).tolist()
+        [[0.0, 0.25, 0.75, 1.0]]
+    """
+    size = tuple(int(s) for s in size)
+    ndim = len(size)
+    if ndim == 0 or ndim > maps.ndim:
+        raise ValueError(f"size {size} does not fit maps of shape {maps.shape}")
+    out = maps.astype(np.float32, copy=False)
+    for axis, target in zip(range(maps.ndim - ndim, maps.ndim), size, strict=True):
+        source = out.shape[axis]
+        if source == target:
+            continue
+        matrix = interpolation_matrix(source, target, method, align_corners).astype(np.float32)
+        # Move the axis last, multiply by M^T, move it back: (..., s) @ (s, t) -> (..., t).
+        out = np.moveaxis(np.moveaxis(out, axis, -1) @ matrix.T, -1, axis)
+    return np.ascontiguousarray(out)
+
+
+def normalize(maps: np.ndarray, spatial_dims: int, eps: float = 1e-8) -> np.ndarray:
+    """Min-max normalise each map to ``[0, 1]`` over its trailing ``spatial_dims`` axes.
+
+    A map whose range is at most ``eps`` (e.g. all zero after the ReLU) becomes all zeros,
+    never NaN.
+
+    Args:
+        maps: ``(..., *S)``.
+        spatial_dims: ``len(S)``.
+        eps: smallest range that is still normalised.
+
+    Returns:
+        float32 array of the same shape, each map in ``[0, 1]``.
+    """
+    axes = tuple(range(maps.ndim - spatial_dims, maps.ndim))
+    low = maps.min(axis=axes, keepdims=True)
+    span = maps.max(axis=axes, keepdims=True) - low
+    flat = span <= eps
+    out = (maps - low) / np.where(flat, 1.0, span)
+    out = np.where(flat, 0.0, out)
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)

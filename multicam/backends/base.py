@@ -1,0 +1,196 @@
+"""The contract between multicam's NumPy core and a framework backend.
+
+A backend's only job is to hand back, as NumPy arrays, the activations of one layer, the
+gradients of the target scores with respect to them, and the scores themselves
+(:class:`LayerGradients`). Everything else (pooling, weighting, ReLU, resizing,
+normalising) happens in :mod:`multicam.algebra`. This module imports no framework.
+
+A backend is two small classes:
+
+- a :class:`Backend` that recognises its models (:meth:`Backend.accepts`, which must not
+  import its framework unless the model could be one of its own) and binds a model to a
+  layer (:meth:`Backend.bind`);
+- the :class:`BoundModel` that bind returns: it resolves the layer once, then computes
+  :meth:`BoundModel.gradients` for any number of batches.
+
+Third-party backends subclass both and register the :class:`Backend` subclass under the
+``multicam.backends`` entry-point group; :func:`multicam.testing.check_backend` proves
+that a new backend agrees with the reference implementation.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from ..errors import InputError, LayerError, NonFiniteError, TargetError
+from ..targets import Targets
+
+__all__ = ["Backend", "BoundModel", "LayerGradients", "Layout", "make_layer_gradients"]
+
+Layout = Literal["channels_first", "channels_last"]
+
+
+@dataclass(frozen=True)
+class LayerGradients:
+    """What a backend returns for one batch; always channels-first, always float32.
+
+    Attributes:
+        activations: ``(N, K, *S)`` the layer's output.
+        gradients: ``(N, T, K, *S)`` d score[n, t] / d activations[n].
+        scores: ``(N, T)`` the differentiated target scores.
+        targets: ``(N, T)`` int64 class ids, or ``None`` for a callable target.
+        input_spatial_shape: the input's spatial dims ``S_in`` (for ``size="input"``), or
+            ``None`` when the input has no spatial layout the layer's can be matched to.
+    """
+
+    activations: np.ndarray
+    gradients: np.ndarray
+    scores: np.ndarray
+    targets: np.ndarray | None
+    input_spatial_shape: tuple[int, ...] | None
+
+
+class BoundModel(abc.ABC):
+    """A model bound to one layer by a backend; computes :class:`LayerGradients`."""
+
+    #: The backend's registry name, e.g. ``"torch"``.
+    backend: ClassVar[str]
+    #: Where the channel axis of the model's inputs and activations sits.
+    layout: Layout
+    #: A readable name of the bound layer, for messages and results.
+    layer_name: str
+
+    @abc.abstractmethod
+    def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """Run one forward pass and one batched backward pass to the layer.
+
+        Args:
+            inputs: a batch in the backend's native layout, as a NumPy array or a tensor of
+                the backend's framework.
+            targets: the parsed target request; its ``batch_size`` is the batch's N.
+
+        Returns:
+            The layer's activations, the gradients of every target score with respect to
+            them, and the scores, as channels-first float32 NumPy arrays.
+        """
+
+    def batch_size(self, inputs: Any) -> int:
+        """The number of samples N in ``inputs`` (its leading dimension)."""
+        shape = getattr(inputs, "shape", None)
+        if shape is None:
+            shape = np.shape(inputs)
+        if len(shape) == 0:
+            raise InputError(
+                "the input is a scalar; pass a batch whose first dimension is the number "
+                "of samples, e.g. x[None] for a single sample."
+            )
+        return int(shape[0])
+
+
+class Backend(abc.ABC):
+    """Recognises a framework's models and binds them to a layer."""
+
+    #: Registry name, used in ``backend=`` and in messages.
+    name: ClassVar[str]
+    #: The ``pip install 'multicam[EXTRA]'`` extra that installs the framework.
+    extra: ClassVar[str]
+
+    @classmethod
+    @abc.abstractmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether ``model`` is one of this backend's models.
+
+        Implementations look at ``sys.modules`` first and never import their framework
+        to answer: a model of a framework the user has not imported cannot be one.
+        """
+
+    @abc.abstractmethod
+    def bind(self, model: Any, layer: Any, **options: Any) -> BoundModel:
+        """Bind ``model`` to ``layer``, resolving and validating the layer once.
+
+        Raises:
+            LayerError: the layer does not exist (the message names the nearest valid
+                names) or is ambiguous.
+            UnsupportedModelError: the model is of a kind this backend cannot explain.
+        """
+
+
+def make_layer_gradients(
+    activations: Any,
+    gradients: Any,
+    scores: Any,
+    targets: np.ndarray | None,
+    *,
+    layout: Layout,
+    input_shape: Sequence[int],
+    layer_name: str,
+) -> LayerGradients:
+    """Validate a backend's raw arrays and put them in the canonical layout.
+
+    Args:
+        activations: ``(N, *S, K)`` or ``(N, K, *S)`` per ``layout``, NumPy-convertible.
+        gradients: ``(N, T, *S, K)`` or ``(N, T, K, *S)`` per ``layout``.
+        scores: ``(N, T)``.
+        targets: ``(N, T)`` class ids or ``None``.
+        layout: where the channel axis is in ``activations``, ``gradients`` and the input.
+        input_shape: the full shape of the input batch.
+        layer_name: for messages.
+
+    Raises:
+        LayerError: the layer's output has no spatial dims.
+        NonFiniteError: NaN or Inf in the activations, gradients or scores.
+    """
+    activations = np.asarray(activations, dtype=np.float32)
+    gradients = np.asarray(gradients, dtype=np.float32)
+    scores = np.asarray(scores, dtype=np.float32)
+    if activations.ndim < 3:
+        raise LayerError(
+            f"layer {layer_name!r} outputs shape {activations.shape}, which has no spatial "
+            "dimensions; Grad-CAM needs a layer whose output is (N, K, *spatial) such as a "
+            "convolution or pooling layer (for a transformer block, reshape its tokens)."
+        )
+    if layout == "channels_last":
+        activations = np.moveaxis(activations, -1, 1)
+        gradients = np.moveaxis(gradients, -1, 2)
+    n = activations.shape[0]
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    if scores.shape[0] != n or gradients.shape[:1] + gradients.shape[2:] != activations.shape:
+        raise TargetError(
+            f"a target score function returned shape {scores.shape} for a batch of {n}; "
+            "it must return one score per sample, shape (N,)."
+        )
+    _check_finite(activations, f"the activations of layer {layer_name!r}")
+    _check_finite(scores, "the target scores")
+    _check_finite(gradients, f"the gradients at layer {layer_name!r}")
+    input_shape = tuple(int(d) for d in input_shape)
+    if len(input_shape) == activations.ndim:
+        spatial = input_shape[2:] if layout == "channels_first" else input_shape[1:-1]
+    else:
+        spatial = None
+    return LayerGradients(
+        activations, gradients, scores, targets, None if spatial is None else tuple(spatial)
+    )
+
+
+def check_finite_input(inputs: np.ndarray) -> None:
+    """Raise :class:`NonFiniteError` if the input batch holds NaN or Inf."""
+    _check_finite(inputs, "the input")
+
+
+def _check_finite(array: np.ndarray, what: str) -> None:
+    if array.dtype.kind not in "fc" or np.isfinite(array).all():
+        return
+    bad = ~np.isfinite(array)
+    samples = sorted({int(i) for i in np.nonzero(bad.reshape(bad.shape[0], -1).any(1))[0]})
+    raise NonFiniteError(
+        f"{what} contain {int(np.isnan(array).sum())} NaN and "
+        f"{int(np.isinf(array).sum())} Inf values (samples {samples[:10]}). "
+        "Check the input for NaN/Inf; if the input is finite, the model overflows: "
+        "compute in float32, or lower the logits' scale."
+    )

@@ -1,0 +1,208 @@
+"""PyTorch backend: layer activations, their gradients and the target scores.
+
+Any ``torch.nn.Module``; the layer is a dotted name from ``named_modules()`` or the module
+object. A forward hook swaps the layer's output for a detached leaf tensor, so autograd
+records nothing below the layer (the forward up to it runs under ``no_grad``) and no
+parameter receives a ``.grad``. All T targets share one forward pass and one batched
+vector-Jacobian product (``is_grads_batched``). The model runs in whatever train/eval mode
+the user left it in; its mode, hooks, ``requires_grad`` flags and ``.grad`` fields are as
+they were afterwards, also when its forward raises.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import BackendError, InputError, LayerError, TargetError, nearest_names
+from ..targets import Targets
+from .base import Backend, BoundModel, LayerGradients, check_finite_input, make_layer_gradients
+
+__all__ = ["TorchBackend", "TorchBoundModel"]
+
+
+class TorchBackend(Backend):
+    """Explains ``torch.nn.Module`` models (channels-first input, e.g. NCHW)."""
+
+    name = "torch"
+    extra = "torch"
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        return "torch" in sys.modules and isinstance(model, torch.nn.Module)
+
+    def bind(self, model: Any, layer: Any, **options: Any) -> TorchBoundModel:
+        if options:
+            raise BackendError(
+                f"the torch backend takes no options, got {sorted(options)}; "
+                "options such as variables= belong to the jax backend."
+            )
+        if not isinstance(model, torch.nn.Module):
+            raise BackendError(
+                f"the torch backend explains torch.nn.Module models, got {type(model)!r}."
+            )
+        return TorchBoundModel(model, layer)
+
+
+def _resolve_layer(model: torch.nn.Module, layer: Any) -> tuple[str, torch.nn.Module]:
+    modules = dict(model.named_modules())
+    if isinstance(layer, torch.nn.Module):
+        for name, module in modules.items():
+            if module is layer:
+                return name or type(model).__name__, module
+        raise LayerError(
+            f"the layer module {type(layer).__name__} is not part of the model; pass a "
+            "submodule of the model, or its dotted name from model.named_modules()."
+        )
+    if not isinstance(layer, str):
+        raise LayerError(
+            f"layer must be a dotted module name or a torch.nn.Module, got {type(layer)!r}."
+        )
+    if layer not in modules:
+        names = [name for name in modules if name]
+        raise LayerError(
+            f"the model has no layer {layer!r}; nearest names from named_modules(): "
+            f"{nearest_names(layer, names)}."
+        )
+    return layer, modules[layer]
+
+
+class TorchBoundModel(BoundModel):
+    """A ``torch.nn.Module`` bound to one of its layers."""
+
+    backend = "torch"
+    layout = "channels_first"
+
+    def __init__(self, model: torch.nn.Module, layer: Any) -> None:
+        self.model = model
+        self.layer_name, self.layer = _resolve_layer(model, layer)
+
+    def _as_tensor(self, inputs: Any) -> torch.Tensor:
+        if isinstance(inputs, torch.Tensor):
+            tensor = inputs
+        else:
+            array = np.asarray(inputs)
+            if array.dtype.kind not in "biuf":
+                raise InputError(f"the input has dtype {array.dtype}; pass numbers.")
+            tensor = torch.from_numpy(np.ascontiguousarray(array))
+            reference = next(self.model.parameters(), None)
+            if reference is not None:
+                dtype = reference.dtype if tensor.is_floating_point() else tensor.dtype
+                tensor = tensor.to(device=reference.device, dtype=dtype)
+        if tensor.ndim < 2:
+            raise InputError(
+                f"the input has shape {tuple(tensor.shape)}; pass a batch (N, C, *spatial), "
+                "e.g. x[None] for a single sample."
+            )
+        if tensor.is_floating_point():
+            check_finite_input(tensor.detach().float().cpu().numpy())
+        return tensor
+
+    def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        x = self._as_tensor(inputs)
+        captured: list[torch.Tensor] = []
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> torch.Tensor:
+            if not isinstance(output, torch.Tensor):
+                raise LayerError(
+                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor;"
+                    " choose a layer whose output is one (N, K, *spatial) tensor."
+                )
+            leaf = output.detach().requires_grad_(True)
+            captured.append(leaf)
+            # Record the graph from here on only: below the layer, no_grad holds.
+            torch.set_grad_enabled(True)
+            return leaf
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                outputs = self.model(x)
+        except Exception as exc:
+            exc.add_note(
+                f"multicam: raised by the model's forward on an input of shape "
+                f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
+            )
+            raise
+        finally:
+            handle.remove()
+        if len(captured) != 1:
+            raise LayerError(
+                f"layer {self.layer_name!r} ran {len(captured)} times in one forward pass; "
+                "Grad-CAM needs a layer that runs exactly once (choose another layer, or "
+                "a module that is not shared)."
+            )
+        activations = captured[0]
+        if not isinstance(outputs, torch.Tensor):
+            raise TargetError(
+                f"the model returned {type(outputs).__name__}; models with several outputs "
+                "are not supported yet: wrap the model so that it returns one tensor."
+            )
+        with torch.enable_grad():
+            scores, classes = _target_scores(outputs, targets)
+            if not scores.requires_grad:
+                raise LayerError(
+                    f"the target scores do not depend on layer {self.layer_name!r}; choose a "
+                    "layer on the path from the input to the output."
+                )
+            grads = _batched_vjp(scores, activations)
+        return make_layer_gradients(
+            activations.detach().float().cpu().numpy(),
+            grads.detach().float().cpu().numpy(),
+            scores.detach().float().cpu().numpy(),
+            classes,
+            layout=self.layout,
+            input_shape=tuple(x.shape),
+            layer_name=self.layer_name,
+        )
+
+
+def _target_scores(
+    outputs: torch.Tensor, targets: Targets
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """``(N, T)`` scores to differentiate, and their class ids (None for a callable)."""
+    if targets.kind == "score":
+        assert targets.score_fn is not None
+        scores = targets.score_fn(outputs)
+        if not isinstance(scores, torch.Tensor) or tuple(scores.shape) != (outputs.shape[0],):
+            shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores)
+            raise TargetError(
+                f"the target function returned {shape}; it must return a tensor of one "
+                f"score per sample, shape ({outputs.shape[0]},)."
+            )
+        return scores[:, None], None
+    values = outputs.detach().float().cpu().numpy() if targets.kind == "predicted" else None
+    classes = targets.class_ids(tuple(outputs.shape), values)
+    index = torch.from_numpy(classes).to(outputs.device)
+    return outputs.gather(1, index), classes
+
+
+def _batched_vjp(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+    """``(N, T, *A)`` gradients of each target column of ``scores`` w.r.t. ``activations``.
+
+    Samples are independent (eval-mode models), so the gradient of the column sum gives
+    every sample's own gradient; the T columns go through one batched backward pass.
+    """
+    n_targets = scores.shape[1]
+    if n_targets == 1:
+        (grads,) = torch.autograd.grad(scores.sum(), activations)
+        return grads.unsqueeze(1)
+    basis = torch.eye(n_targets, dtype=scores.dtype, device=scores.device)
+    cotangents = basis[:, None, :].expand(n_targets, scores.shape[0], n_targets)
+    try:
+        (grads,) = torch.autograd.grad(
+            scores, activations, grad_outputs=cotangents, is_grads_batched=True,
+            retain_graph=True,
+        )
+    except RuntimeError:
+        # Some ops have no batching rule; one backward per target still shares the forward.
+        grads = torch.stack(
+            [
+                torch.autograd.grad(scores[:, t].sum(), activations, retain_graph=True)[0]
+                for t in range(n_targets)
+            ]
+        )
+    return grads.movedim(0, 1)

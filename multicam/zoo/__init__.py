@@ -1,0 +1,352 @@
+"""Reference networks, built identically in every framework from one NumPy weight dict.
+
+Each architecture is a small declarative spec (:class:`Architecture`) that a per-framework
+builder interprets, so the PyTorch, Keras, Flax linen and Flax nnx networks have the same
+layers, the same names and, given the same weight dict, compute the same function. They
+exist to cross-check backends (:mod:`multicam.testing`), in tests, the demo and benchmarks.
+
+Conventions, identical in every framework:
+
+- Weights are channels-last: conv kernels ``(*k, in, out)``, dense kernels ``(in, out)``;
+  ``flatten`` flattens channels-last (H, W, C) order, so the first dense layer needs no
+  permutation (the torch builder permutes the activations instead).
+- Padding is explicit and symmetric (``padding=p`` pads p on each side), BatchNorm runs on
+  its running statistics with ``eps = 1e-5``, dropout is inactive at inference.
+- A layer's canonical name is its dotted path, e.g. ``"features.relu4"``;
+  :func:`layer_name` gives each framework's spelling (``"features/relu4"`` in Keras and
+  linen).
+
+Example:
+    >>> from multicam import zoo
+    >>> weights = zoo.init_weights("digits_cnn", seed=0)
+    >>> weights["features.conv1.kernel"].shape
+    (2, 2, 1, 8)
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import numpy as np
+
+__all__ = [
+    "ARCHITECTURES",
+    "FRAMEWORKS",
+    "Architecture",
+    "BatchNorm",
+    "Conv",
+    "Dense",
+    "Dropout",
+    "Flatten",
+    "GlobalAvgPool",
+    "ReLU",
+    "Residual",
+    "Stage",
+    "build",
+    "example_input",
+    "init_weights",
+    "layer_name",
+]
+
+BN_EPS = 1e-5
+
+FRAMEWORKS = ("torch", "keras", "flax", "nnx")
+"""Frameworks :func:`build` knows: PyTorch, Keras 3, Flax linen, Flax nnx."""
+
+
+@dataclass(frozen=True)
+class Conv:
+    """Convolution over ``dims`` spatial dims, symmetric zero ``padding``."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: int
+    stride: int = 1
+    padding: int = 0
+    dims: int = 2
+
+
+@dataclass(frozen=True)
+class BatchNorm:
+    """Batch normalisation on running statistics, ``eps = 1e-5``."""
+
+    name: str
+    channels: int
+
+
+@dataclass(frozen=True)
+class ReLU:
+    """A named ReLU, so that its output can be chosen as the layer."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Dense:
+    """Fully connected layer, kernel ``(in, out)``."""
+
+    name: str
+    in_features: int
+    out_features: int
+
+
+@dataclass(frozen=True)
+class Flatten:
+    """Flatten all but the batch dim in channels-last order."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """Dropout, inactive at inference."""
+
+    name: str
+    rate: float
+
+
+@dataclass(frozen=True)
+class GlobalAvgPool:
+    """Mean over the spatial dims: ``(N, *S, K) -> (N, K)``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A named group of layers (a ``nn.Sequential`` in torch, a nested model in Keras)."""
+
+    name: str
+    layers: tuple[Layer, ...]
+
+
+@dataclass(frozen=True)
+class Residual:
+    """``relu(body(x) + shortcut(x))``; an empty shortcut is the identity."""
+
+    name: str
+    body: tuple[Layer, ...]
+    shortcut: tuple[Layer, ...] = ()
+
+
+Layer = Union[Conv, BatchNorm, ReLU, Dense, Flatten, Dropout, GlobalAvgPool, Stage, Residual]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A reference network.
+
+    Attributes:
+        name: registry key.
+        input_shape: one sample, channels-last: ``(*S, C)``.
+        num_classes: width of the output logits.
+        layers: the network, in order.
+        cam_layers: canonical names of the layers with spatial output, for Grad-CAM.
+        description: one line.
+    """
+
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    layers: tuple[Layer, ...]
+    cam_layers: tuple[str, ...]
+    description: str = field(default="", compare=False)
+
+
+def _digits_cnn() -> Architecture:
+    features = (
+        Conv("conv1", 1, 8, kernel=2, padding=1),
+        ReLU("relu1"),
+        Conv("conv2", 8, 16, kernel=2, stride=2, padding=1),
+        ReLU("relu2"),
+        Conv("conv3", 16, 20, kernel=2, padding=1),
+        ReLU("relu3"),
+        Conv("conv4", 20, 24, kernel=2, stride=2, padding=1),
+        ReLU("relu4"),
+    )
+    classifier = (
+        Flatten("flatten"),
+        Dense("dense1", 1944, 256),
+        Dropout("dropout1", 0.3),
+        ReLU("relu5"),
+        Dense("dense2", 256, 64),
+        Dropout("dropout2", 0.3),
+        ReLU("relu6"),
+        Dense("dense3", 64, 10),
+    )
+    names = [f"features.{op.name}" for op in features]
+    return Architecture(
+        "digits_cnn",
+        (28, 28, 1),
+        10,
+        (Stage("features", features), Stage("classifier", classifier)),
+        tuple(names),
+        "the MNIST CNN of the blank-map report: four 2x2 convs, then 1944 -> 256 -> 64 -> 10",
+    )
+
+
+def _resnet_tiny() -> Architecture:
+    def block(name: str, cin: int, cout: int, stride: int) -> Residual:
+        body = (
+            Conv("conv1", cin, cout, kernel=3, stride=stride, padding=1),
+            BatchNorm("bn1", cout),
+            ReLU("relu1"),
+            Conv("conv2", cout, cout, kernel=3, padding=1),
+            BatchNorm("bn2", cout),
+        )
+        shortcut: tuple[Layer, ...] = ()
+        if stride != 1 or cin != cout:
+            shortcut = (Conv("down_conv", cin, cout, kernel=1, stride=stride), BatchNorm("down_bn", cout))
+        return Residual(name, body, shortcut)
+
+    layers = (
+        Conv("stem_conv", 3, 8, kernel=3, padding=1),
+        BatchNorm("stem_bn", 8),
+        ReLU("stem_relu"),
+        block("block1", 8, 8, 1),
+        block("block2", 8, 16, 2),
+        GlobalAvgPool("pool"),
+        Dense("fc", 16, 5),
+    )
+    cam = ("stem_relu", "block1", "block1.relu1", "block2.conv1", "block2.relu1", "block2")
+    return Architecture(
+        "resnet_tiny", (16, 16, 3), 5, layers, cam, "two residual blocks with BatchNorm"
+    )
+
+
+def _conv1d_net() -> Architecture:
+    features = (
+        Conv("conv1", 2, 8, kernel=5, padding=2, dims=1),
+        ReLU("relu1"),
+        Conv("conv2", 8, 16, kernel=3, stride=2, padding=1, dims=1),
+        ReLU("relu2"),
+    )
+    return Architecture(
+        "conv1d_net",
+        (64, 2),
+        4,
+        (Stage("features", features), GlobalAvgPool("pool"), Dense("fc", 16, 4)),
+        tuple(f"features.{op.name}" for op in features),
+        "a 1-D signal classifier: two convs, global average pooling, linear",
+    )
+
+
+def _gap_cnn() -> Architecture:
+    features = (
+        Conv("conv1", 3, 6, kernel=3, padding=1),
+        ReLU("relu1"),
+        Conv("conv2", 6, 8, kernel=3, padding=1),
+        ReLU("relu2"),
+    )
+    return Architecture(
+        "gap_cnn",
+        (12, 12, 3),
+        5,
+        (Stage("features", features), GlobalAvgPool("pool"), Dense("fc", 8, 5)),
+        tuple(f"features.{op.name}" for op in features),
+        "conv -> global average pool -> linear: d score_c / dA_k = W[k, c] / (h w) exactly",
+    )
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    arch.name: arch for arch in (_digits_cnn(), _resnet_tiny(), _conv1d_net(), _gap_cnn())
+}
+
+
+def iter_layers(layers: tuple[Layer, ...], prefix: str = "") -> Iterator[tuple[str, Layer]]:
+    """Yield ``(dotted_name, layer)`` for every layer, containers before their children."""
+    for layer in layers:
+        name = prefix + layer.name
+        yield name, layer
+        if isinstance(layer, Stage):
+            yield from iter_layers(layer.layers, name + ".")
+        elif isinstance(layer, Residual):
+            yield from iter_layers(layer.body, name + ".")
+            yield from iter_layers(layer.shortcut, name + ".")
+
+
+def _architecture(arch: str | Architecture) -> Architecture:
+    if isinstance(arch, Architecture):
+        return arch
+    try:
+        return ARCHITECTURES[arch]
+    except KeyError:
+        raise KeyError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}") from None
+
+
+def init_weights(arch: str | Architecture, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights for ``arch``, reproducible from ``seed``.
+
+    He-normal kernels, small random biases, and BatchNorm statistics away from the identity
+    so that every parameter matters in agreement tests.
+
+    Returns:
+        ``{"<dotted layer name>.<param>": array}`` with params ``kernel``, ``bias`` (conv,
+        dense) and ``scale``, ``bias``, ``mean``, ``var`` (BatchNorm).
+    """
+    rng = np.random.default_rng(seed)
+    weights: dict[str, np.ndarray] = {}
+    for name, layer in iter_layers(_architecture(arch).layers):
+        if isinstance(layer, Conv):
+            shape = (layer.kernel,) * layer.dims + (layer.in_channels, layer.out_channels)
+            fan_in = layer.in_channels * layer.kernel**layer.dims
+            weights[f"{name}.kernel"] = rng.normal(0, np.sqrt(2 / fan_in), shape)
+            weights[f"{name}.bias"] = rng.normal(0, 0.05, layer.out_channels)
+        elif isinstance(layer, Dense):
+            shape = (layer.in_features, layer.out_features)
+            weights[f"{name}.kernel"] = rng.normal(0, np.sqrt(2 / layer.in_features), shape)
+            weights[f"{name}.bias"] = rng.normal(0, 0.05, layer.out_features)
+        elif isinstance(layer, BatchNorm):
+            weights[f"{name}.scale"] = rng.uniform(0.5, 1.5, layer.channels)
+            weights[f"{name}.bias"] = rng.normal(0, 0.1, layer.channels)
+            weights[f"{name}.mean"] = rng.normal(0, 0.1, layer.channels)
+            weights[f"{name}.var"] = rng.uniform(0.5, 1.5, layer.channels)
+    return {key: value.astype(np.float32) for key, value in weights.items()}
+
+
+def layer_name(canonical: str, framework: str) -> str:
+    """A layer's name in ``framework``: dotted for torch and nnx, slashed for Keras and linen.
+
+    Example:
+        >>> layer_name("features.relu4", "keras")
+        'features/relu4'
+    """
+    if framework not in FRAMEWORKS:
+        raise KeyError(f"unknown framework {framework!r}; known: {FRAMEWORKS}")
+    return canonical if framework in ("torch", "nnx") else canonical.replace(".", "/")
+
+
+def build(
+    arch: str | Architecture, framework: str, weights: dict[str, np.ndarray] | None = None
+) -> Any:
+    """Build ``arch`` in ``framework`` with ``weights`` (default: ``init_weights(arch)``).
+
+    Args:
+        arch: an :data:`ARCHITECTURES` key or an :class:`Architecture`.
+        framework: ``"torch"`` (an ``nn.Module`` in eval mode), ``"keras"`` (a Keras 3
+            model), ``"flax"`` (a ``(linen_module, variables)`` pair) or ``"nnx"`` (an
+            ``nnx.Module`` in eval mode).
+        weights: a dict from :func:`init_weights` or of the same structure.
+    """
+    architecture = _architecture(arch)
+    if weights is None:
+        weights = init_weights(architecture)
+    if framework not in FRAMEWORKS:
+        raise KeyError(f"unknown framework {framework!r}; known: {FRAMEWORKS}")
+    module_name = {"torch": "torch", "keras": "keras", "flax": "flax", "nnx": "flax"}[framework]
+    builder = importlib.import_module(f"multicam.zoo.{module_name}")
+    return builder.build(architecture, weights, nnx=framework == "nnx") if module_name == "flax" else builder.build(architecture, weights)
+
+
+def example_input(
+    arch: str | Architecture, batch_size: int = 2, seed: int = 0, layout: str = "channels_last"
+) -> np.ndarray:
+    """A reproducible float32 input batch for ``arch``, ``(N, *S, C)`` or ``(N, C, *S)``."""
+    architecture = _architecture(arch)
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(batch_size, *architecture.input_shape)).astype(np.float32)
+    return np.moveaxis(x, -1, 1) if layout == "channels_first" else x

@@ -1,0 +1,61 @@
+"""Development sessions for multicam: lint, tests, per-backend tests.
+
+Every session installs from ``constraints-cpu.txt``, which pins the CPU build of PyTorch
+(a bare ``torch`` resolves to a multi-GB CUDA build) and the framework versions the test
+suite was run with. TensorFlow is installed as ``tensorflow-cpu``.
+
+``MULTICAM_REQUIRE_BACKENDS`` tells the test suite which backends must be importable: a
+missing one is then an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+CONSTRAINTS = ("-c", "constraints-cpu.txt")
+FRAMEWORKS = {
+    "torch": ["torch"],
+    "tensorflow": ["tensorflow-cpu", "keras"],
+    "jax": ["jax", "flax"],
+}
+
+
+def _install(session: nox.Session, backends: list[str], extras: str = "test") -> None:
+    packages = [pkg for name in backends for pkg in FRAMEWORKS[name]]
+    session.install(*CONSTRAINTS, *packages, "-e", f".[{extras}]")
+
+
+@nox.session(python="3.11")
+def lint(session: nox.Session) -> None:
+    """Ruff (style, imports, docstrings) and mypy (types) over the package and tests."""
+    _install(session, list(FRAMEWORKS))
+    session.install("ruff", "mypy")
+    session.run("ruff", "check", "multicam", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "multicam", "tests", "noxfile.py")
+    session.run("mypy")
+
+
+@nox.session(python="3.11")
+def tests(session: nox.Session) -> None:
+    """All backends in one environment, so the cross-backend agreement tests run.
+
+    Includes Captum, the independent PyTorch implementation the torch results are checked
+    against. Extra pytest arguments pass through: ``nox -s tests -- -k algebra``.
+    """
+    _install(session, list(FRAMEWORKS), extras="test,peers")
+    session.run(
+        "pytest",
+        *session.posargs,
+        env={"MULTICAM_REQUIRE_BACKENDS": ",".join(FRAMEWORKS)},
+    )
+
+
+@nox.session(python="3.11")
+@nox.parametrize("backend", list(FRAMEWORKS))
+def backend(session: nox.Session, backend: str) -> None:
+    """One backend alone, the other frameworks absent: proves each works on its own."""
+    _install(session, [backend])
+    session.run("pytest", *session.posargs, env={"MULTICAM_REQUIRE_BACKENDS": backend})
