@@ -106,8 +106,8 @@ def interpolation_matrix(
     if method == "nearest":
         if align_corners:
             raise ValueError("align_corners=True applies to linear interpolation only")
-        src = np.floor((dst + 0.5) * (in_size / out_size)).astype(np.int64)
-        matrix[rows, np.minimum(src, in_size - 1)] = 1.0
+        nearest = np.floor((dst + 0.5) * (in_size / out_size)).astype(np.int64)
+        matrix[rows, np.minimum(nearest, in_size - 1)] = 1.0
         return matrix
     if method not in _LINEAR:
         raise ValueError(f"unknown interpolation {method!r}; expected 'linear' or 'nearest'")

@@ -199,10 +199,10 @@ class GradCAM(CAM):
     Example:
         >>> import multicam as mc
         >>> from multicam import zoo
-        >>> model = zoo.build("gap_cnn", "torch")  # doctest: +SKIP
-        >>> cam = mc.GradCAM(model, layer="features.relu2")  # doctest: +SKIP
-        >>> res = cam(zoo.example_input("gap_cnn", layout="channels_first"), targets=3)  # doctest: +SKIP
-        >>> res.maps.shape  # doctest: +SKIP
+        >>> model = zoo.build("gap_cnn", "torch")
+        >>> x = zoo.example_input("gap_cnn", layout="channels_first")
+        >>> res = mc.GradCAM(model, layer="features.relu2")(x, targets=3)
+        >>> res.maps.shape
         (2, 1, 12, 12)
     """
 

@@ -7,6 +7,7 @@ install cannot pass as a run of skips.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -17,10 +18,8 @@ import pytest
 from hypothesis import settings
 
 # torch must be imported before TensorFlow when a process uses both.
-try:
+with contextlib.suppress(ImportError):
     import torch  # noqa: F401
-except ImportError:
-    pass
 
 import multicam as mc
 from multicam import zoo
@@ -44,8 +43,7 @@ FRAMEWORKS: dict[str, tuple[str, tuple[str, ...]]] = {
 @functools.cache
 def missing(framework: str) -> str | None:
     """Why ``framework`` cannot run here, or None if it can."""
-    backend, modules = FRAMEWORKS[framework]
-    for module in modules:
+    for module in FRAMEWORKS[framework][1]:
         try:
             importlib.import_module(module)
         except ImportError as exc:

@@ -32,7 +32,9 @@ def cases(draw: st.DrawFn) -> dict:
         "predicted": None,
         "int": draw(classes),
         "per_sample": draw(st.lists(classes, min_size=n, max_size=n)),
-        "matrix": np.array(draw(st.lists(st.lists(classes, min_size=2, max_size=2), min_size=n, max_size=n))),
+        "matrix": np.array(
+            draw(st.lists(st.lists(classes, min_size=2, max_size=2), min_size=n, max_size=n))
+        ),
         "all": "all",
     }[kind]
     return {
@@ -63,8 +65,15 @@ def _run_case(case: dict, frameworks: list[str]) -> dict:
         size = (9,)
     results = {
         framework: explain(
-            framework, arch, case["seed"], case["layer"], inputs, targets=targets,
-            size=size, interpolation=case["interpolation"], relu=case["relu"],
+            framework,
+            arch,
+            case["seed"],
+            case["layer"],
+            inputs,
+            targets=targets,
+            size=size,
+            interpolation=case["interpolation"],
+            relu=case["relu"],
         )
         for framework in frameworks
     }
@@ -87,7 +96,17 @@ def test_gap_net_oracle_is_exact_on_every_backend(framework: str) -> None:
     """conv -> GAP -> linear: d score_c / dA_k = W[k, c] / (h w), so Grad-CAM = CAM."""
     weights = zoo.init_weights("gap_cnn", 0)
     inputs = zoo.example_input("gap_cnn", 3, seed=1)
-    res = explain(framework, "gap_cnn", 0, "features.relu2", inputs, targets="all", size=None, relu=False, normalize=False)
+    res = explain(
+        framework,
+        "gap_cnn",
+        0,
+        "features.relu2",
+        inputs,
+        targets="all",
+        size=None,
+        relu=False,
+        normalize=False,
+    )
     exact = zoo_numpy.gap_cnn_gradients(weights, res.targets, (12, 12))
     np.testing.assert_allclose(res.gradients, exact, rtol=1e-5, atol=1e-8)
     # CAM (Zhou et al. 2016): map_c = sum_k W[k, c] A_k, which Grad-CAM equals up to 1/(h w).

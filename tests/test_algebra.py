@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -24,7 +23,9 @@ def layer_arrays(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
 
 
 @given(layer_arrays())
-def test_weighted_sum_is_the_einsum_of_the_definition(arrays: tuple[np.ndarray, np.ndarray]) -> None:
+def test_weighted_sum_is_the_einsum_of_the_definition(
+    arrays: tuple[np.ndarray, np.ndarray],
+) -> None:
     activations, gradients = arrays
     weights = algebra.channel_weights(gradients)
     spatial_axes = tuple(range(3, gradients.ndim))
@@ -104,7 +105,11 @@ def _framework(name: str) -> object:
 @settings(max_examples=30, deadline=None)
 @given(shapes_2d, shapes_2d, st.sampled_from(["linear", "nearest"]), st.booleans(), st.data())
 def test_resize_matches_torch(
-    src: tuple[int, int], dst: tuple[int, int], method: str, align_corners: bool, data: st.DataObject
+    src: tuple[int, int],
+    dst: tuple[int, int],
+    method: str,
+    align_corners: bool,
+    data: st.DataObject,
 ) -> None:
     torch = _framework("torch")
     if method == "nearest":
@@ -112,7 +117,9 @@ def test_resize_matches_torch(
     maps = data.draw(hnp.arrays(np.float32, (2, 3, *src), elements=finite))
     mode = "bilinear" if method == "linear" else "nearest-exact"
     kwargs = {"align_corners": align_corners} if method == "linear" else {}
-    expected = torch.nn.functional.interpolate(torch.from_numpy(maps), size=dst, mode=mode, **kwargs)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(maps), size=dst, mode=mode, **kwargs
+    )
     actual = algebra.resize(maps, dst, method, align_corners)  # type: ignore[arg-type]
     np.testing.assert_allclose(actual, expected.numpy(), atol=1e-5 * (1 + np.abs(maps).max()))
 
@@ -137,7 +144,15 @@ def test_resize_matches_jax_when_upsampling(data: st.DataObject) -> None:
     jax = _framework("jax")
     dims = data.draw(st.integers(1, 3))
     src = data.draw(st.tuples(*[st.integers(1, 5)] * dims))
-    dst = tuple(s * f + e for s, f, e in zip(src, data.draw(st.tuples(*[st.integers(1, 3)] * dims)), data.draw(st.tuples(*[st.integers(0, 2)] * dims)), strict=True))
+    dst = tuple(
+        s * f + e
+        for s, f, e in zip(
+            src,
+            data.draw(st.tuples(*[st.integers(1, 3)] * dims)),
+            data.draw(st.tuples(*[st.integers(0, 2)] * dims)),
+            strict=True,
+        )
+    )
     maps = data.draw(hnp.arrays(np.float32, (2, *src), elements=finite))
     for method in ("linear", "nearest"):
         expected = jax.image.resize(maps, (2, *dst), method=method)

@@ -15,7 +15,8 @@ README = (ROOT / "README.md").read_text()
 
 def test_ci_runs_the_readme_test_command() -> None:
     ci_lines = [
-        line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        line
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.startswith(("#", "set ", "cd "))
     ]
     section = README.split("## Run the tests", 1)[1]
@@ -41,3 +42,14 @@ def test_cli_compare_runs() -> None:
     assert main(["compare", "--arch", "gap_cnn", "--frameworks", "torch", "--repeats", "1"]) == 0
     with pytest.raises(SystemExit):
         main(["compare", "--frameworks", "mxnet"])
+
+
+@pytest.mark.parametrize("module", ["algebra", "targets", "zoo", "cam", "errors"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    if module == "cam":
+        require("torch")
+    failures, _ = doctest.testmod(importlib.import_module(f"multicam.{module}"))
+    assert failures == 0

@@ -86,8 +86,13 @@ class ToyBound(BoundModel):
         classes = targets.class_ids((x.shape[0], 2), np.zeros((x.shape[0], 2)))
         grads = np.ones((x.shape[0], classes.shape[1], *x.shape[1:]), np.float32)
         return backends.make_layer_gradients(
-            x, grads, np.zeros(classes.shape), classes,
-            layout="channels_first", input_shape=x.shape, layer_name="only",
+            x,
+            grads,
+            np.zeros(classes.shape),
+            classes,
+            layout="channels_first",
+            input_shape=x.shape,
+            layer_name="only",
         )
 
 
@@ -117,7 +122,10 @@ def test_third_party_backend_through_entry_points(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(
         backends,
         "_plugins",
-        {"broken": _EntryPoint("broken", ImportError("no module named x")), "toy": _EntryPoint("toy", ToyBackend)},
+        {
+            "broken": _EntryPoint("broken", ImportError("no module named x")),
+            "toy": _EntryPoint("toy", ToyBackend),
+        },
     )
     monkeypatch.setattr(backends, "_loaded", {})
     monkeypatch.setattr(backends, "_by_type", {})
@@ -127,4 +135,3 @@ def test_third_party_backend_through_entry_points(monkeypatch: pytest.MonkeyPatc
     assert res.backend == "toy" and res.maps.shape == (2, 1, 4, 4)
     assert any("broken" in str(w.message) for w in caught)
     assert "toy" in backends.available_backends()
-

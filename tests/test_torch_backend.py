@@ -62,11 +62,15 @@ def test_equals_captum_layer_grad_cam(arch: str) -> None:
     model = zoo.build(arch, "torch", zoo.init_weights(arch, 3))
     x = zoo.example_input(arch, 3, seed=3, layout="channels_first")
     for layer in zoo.ARCHITECTURES[arch].cam_layers:
-        ours = mc.GradCAM(model, layer)(x, targets=[1, 0, 2], relu=False, normalize=False, size=None)
+        ours = mc.GradCAM(model, layer)(
+            x, targets=[1, 0, 2], relu=False, normalize=False, size=None
+        )
         theirs = captum_layer(model, model.get_submodule(layer)).attribute(
             torch.from_numpy(x), target=[1, 0, 2], relu_attributions=False
         )
-        np.testing.assert_allclose(ours.maps[:, 0], theirs[:, 0].detach().numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            ours.maps[:, 0], theirs[:, 0].detach().numpy(), rtol=1e-5, atol=1e-6
+        )
 
 
 def _state(model: nn.Module) -> dict[str, object]:
@@ -108,7 +112,7 @@ def test_model_state_is_left_as_it_was_when_forward_raises() -> None:
             self.fc = nn.Linear(4, 2)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.conv(x)
+            self.conv(x)
             raise RuntimeError("boom in the head")
 
     model = Failing()
@@ -128,7 +132,13 @@ def test_no_parameter_gradients_and_nothing_below_the_layer_is_differentiated() 
     warnings.simplefilter("ignore", UserWarning)  # "no inputs require gradients": by design
     mc.GradCAM(model, "features.relu3")(zoo.example_input("digits_cnn", layout="channels_first"))
     assert calls, "the head should be differentiated"
-    below = {"features.conv1", "features.relu1", "features.conv2", "features.relu2", "features.conv3"}
+    below = {
+        "features.conv1",
+        "features.relu1",
+        "features.conv2",
+        "features.relu2",
+        "features.conv3",
+    }
     assert not below & set(calls)
     assert all(p.grad is None for p in model.parameters())
 
@@ -177,7 +187,7 @@ def test_half_precision_model_gives_float32_maps() -> None:
 def test_errors_are_clear() -> None:
     model = zoo.build("digits_cnn", "torch")
     x = zoo.example_input("digits_cnn", 2, layout="channels_first")
-    with pytest.raises(mc.LayerError, match="features.relu4"):
+    with pytest.raises(mc.LayerError, match=r"features\.relu4"):
         mc.GradCAM(model, "features.relu5")
     with pytest.raises(mc.LayerError, match="no spatial dimensions"):
         mc.GradCAM(model, "classifier.dense1")(x)

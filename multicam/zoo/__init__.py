@@ -28,7 +28,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -133,7 +133,7 @@ class Residual:
     shortcut: tuple[Layer, ...] = ()
 
 
-Layer = Union[Conv, BatchNorm, ReLU, Dense, Flatten, Dropout, GlobalAvgPool, Stage, Residual]
+Layer = Conv | BatchNorm | ReLU | Dense | Flatten | Dropout | GlobalAvgPool | Stage | Residual
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,10 @@ def _resnet_tiny() -> Architecture:
         )
         shortcut: tuple[Layer, ...] = ()
         if stride != 1 or cin != cout:
-            shortcut = (Conv("down_conv", cin, cout, kernel=1, stride=stride), BatchNorm("down_bn", cout))
+            shortcut = (
+                Conv("down_conv", cin, cout, kernel=1, stride=stride),
+                BatchNorm("down_bn", cout),
+            )
         return Residual(name, body, shortcut)
 
     layers = (
@@ -339,7 +342,11 @@ def build(
         raise KeyError(f"unknown framework {framework!r}; known: {FRAMEWORKS}")
     module_name = {"torch": "torch", "keras": "keras", "flax": "flax", "nnx": "flax"}[framework]
     builder = importlib.import_module(f"multicam.zoo.{module_name}")
-    return builder.build(architecture, weights, nnx=framework == "nnx") if module_name == "flax" else builder.build(architecture, weights)
+    return (
+        builder.build(architecture, weights, nnx=framework == "nnx")
+        if module_name == "flax"
+        else builder.build(architecture, weights)
+    )
 
 
 def example_input(

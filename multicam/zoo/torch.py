@@ -41,7 +41,9 @@ class GlobalAvgPoolNd(nn.Module):
 class ResidualBlock(nn.Module):
     """``relu(body(x) + shortcut(x))``, the body and shortcut layers as direct children."""
 
-    def __init__(self, body: OrderedDict[str, nn.Module], shortcut: OrderedDict[str, nn.Module]) -> None:
+    def __init__(
+        self, body: OrderedDict[str, nn.Module], shortcut: OrderedDict[str, nn.Module]
+    ) -> None:
         super().__init__()
         self.body_names = list(body)
         self.shortcut_names = list(shortcut)
@@ -71,23 +73,23 @@ def _module(layer: Layer, prefix: str, weights: dict[str, np.ndarray]) -> nn.Mod
             layer.in_channels, layer.out_channels, layer.kernel, layer.stride, layer.padding
         )
         kernel = weights[f"{name}.kernel"]  # (*k, in, out) -> (out, in, *k)
-        conv.weight.data = _tensor(np.moveaxis(kernel, (-1, -2), (0, 1)))
-        conv.bias.data = _tensor(weights[f"{name}.bias"])
+        conv.weight = nn.Parameter(_tensor(np.moveaxis(kernel, (-1, -2), (0, 1))))
+        conv.bias = nn.Parameter(_tensor(weights[f"{name}.bias"]))
         return conv
     if isinstance(layer, Dense):
         dense = nn.Linear(layer.in_features, layer.out_features)
-        dense.weight.data = _tensor(weights[f"{name}.kernel"].T)
-        dense.bias.data = _tensor(weights[f"{name}.bias"])
+        dense.weight = nn.Parameter(_tensor(weights[f"{name}.kernel"].T))
+        dense.bias = nn.Parameter(_tensor(weights[f"{name}.bias"]))
         return dense
     if isinstance(layer, BatchNorm):
         # BatchNorm1d/2d/3d differ only in the rank they accept; 2d's check is the strictest,
         # so use the generic base with its running statistics.
         norm = nn.modules.batchnorm._BatchNorm(layer.channels, eps=BN_EPS)
         norm._check_input_dim = lambda x: None  # type: ignore[method-assign]
-        norm.weight.data = _tensor(weights[f"{name}.scale"])
-        norm.bias.data = _tensor(weights[f"{name}.bias"])
-        norm.running_mean.data = _tensor(weights[f"{name}.mean"])
-        norm.running_var.data = _tensor(weights[f"{name}.var"])
+        norm.weight = nn.Parameter(_tensor(weights[f"{name}.scale"]))
+        norm.bias = nn.Parameter(_tensor(weights[f"{name}.bias"]))
+        norm.running_mean = _tensor(weights[f"{name}.mean"])
+        norm.running_var = _tensor(weights[f"{name}.var"])
         return norm
     if isinstance(layer, ReLU):
         return nn.ReLU()
@@ -101,7 +103,8 @@ def _module(layer: Layer, prefix: str, weights: dict[str, np.ndarray]) -> nn.Mod
         return _sequential(layer.layers, name + ".", weights)
     if isinstance(layer, Residual):
         return ResidualBlock(
-            _children(layer.body, name + ".", weights), _children(layer.shortcut, name + ".", weights)
+            _children(layer.body, name + ".", weights),
+            _children(layer.shortcut, name + ".", weights),
         )
     raise TypeError(f"unknown layer {layer!r}")
 
