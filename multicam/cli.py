@@ -22,7 +22,12 @@ from . import zoo
 from .cam import CAMResult, GradCAM
 from .testing import MAPS_ATOL, RAW_RTOL, assert_results_agree, check_against_oracle
 
-_NEEDS = {"torch": ("torch",), "keras": ("tensorflow", "keras"), "flax": ("flax",), "nnx": ("flax",)}
+_NEEDS = {
+    "torch": ("torch",),
+    "keras": ("tensorflow", "keras"),
+    "flax": ("flax",),
+    "nnx": ("flax",),
+}
 
 
 def installed_frameworks() -> list[str]:

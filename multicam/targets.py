@@ -83,9 +83,7 @@ class Targets:
                 "targets could not be read as an array of class ids; for several classes "
                 "per sample pass an (N, T) array with the same T for every sample."
             ) from exc
-        if array.dtype == object or not (
-            np.issubdtype(array.dtype, np.integer) or array.size == 0
-        ):
+        if array.dtype == object or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
             raise TargetError(
                 f"targets must hold integer class ids, got dtype {array.dtype}. "
                 "Convert with np.asarray(targets, dtype=int) if the values are whole numbers."

@@ -194,7 +194,10 @@ def _batched_vjp(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tenso
     cotangents = basis[:, None, :].expand(n_targets, scores.shape[0], n_targets)
     try:
         (grads,) = torch.autograd.grad(
-            scores, activations, grad_outputs=cotangents, is_grads_batched=True,
+            scores,
+            activations,
+            grad_outputs=cotangents,
+            is_grads_batched=True,
             retain_graph=True,
         )
     except RuntimeError:

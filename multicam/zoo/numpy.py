@@ -33,7 +33,9 @@ def _conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, layer: Conv) -> n
     dims = layer.dims
     pad = [(0, 0)] + [(layer.padding, layer.padding)] * dims + [(0, 0)]
     x = np.pad(x, pad)
-    windows = np.lib.stride_tricks.sliding_window_view(x, (layer.kernel,) * dims, axis=tuple(range(1, dims + 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(
+        x, (layer.kernel,) * dims, axis=tuple(range(1, dims + 1))
+    )
     windows = windows[(slice(None), *[slice(None, None, layer.stride)] * dims)]
     # windows: (N, *S', C, *k); kernel: (*k, C, K)
     k_axes = tuple(range(windows.ndim - dims, windows.ndim))
@@ -52,7 +54,11 @@ def _apply(
 ) -> np.ndarray:
     for layer in layers:
         name = prefix + layer.name
-        w = {k[len(name) + 1 :]: v.astype(np.float64) for k, v in weights.items() if k.startswith(name + ".")}
+        w = {
+            k[len(name) + 1 :]: v.astype(np.float64)
+            for k, v in weights.items()
+            if k.startswith(name + ".")
+        }
         if isinstance(layer, Conv):
             x = _conv(x, w["kernel"], w["bias"], layer)
         elif isinstance(layer, Dense):
@@ -71,7 +77,9 @@ def _apply(
             x = _apply(layer.layers, x, weights, name + ".", record, replace)
         elif isinstance(layer, Residual):
             body = _apply(layer.body, x, weights, name + ".", record, replace)
-            x = np.maximum(body + _apply(layer.shortcut, x, weights, name + ".", record, replace), 0.0)
+            x = np.maximum(
+                body + _apply(layer.shortcut, x, weights, name + ".", record, replace), 0.0
+            )
         else:
             raise TypeError(f"unknown layer {layer!r}")
         if name in replace:
@@ -101,7 +109,11 @@ def forward(
     """
     record: dict[str, np.ndarray] = {}
     logits = _apply(
-        _architecture(arch).layers, np.asarray(inputs, np.float64), weights, "", record,
+        _architecture(arch).layers,
+        np.asarray(inputs, np.float64),
+        weights,
+        "",
+        record,
         replace or {},
     )
     return logits, record
