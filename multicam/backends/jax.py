@@ -1,0 +1,545 @@
+"""JAX/Flax backend: layer activations, their gradients and the target scores.
+
+Its one job is to return, as NumPy arrays, the activations of one layer of a JAX model,
+the gradients of the target scores with respect to them, and the scores. Three kinds of
+model:
+
+- a Flax linen module with its ``variables=``; the layer is a module path such as
+  ``"features/conv3"`` (that submodule's ``__call__`` output, caught with
+  ``nn.intercept_methods``) or a value the model marks with ``self.perturb(name, x)``
+  (``"features/relu4"``: perturbation ``relu4`` of module ``features``);
+- a Flax nnx module; the layer is a dotted attribute path such as ``"features.relu4"``;
+- a ``(features, head)`` pair of functions, ``features(x) -> A`` and ``head(A) -> outputs``,
+  with ``layer=None`` and ``backend="jax"``.
+
+Mechanism: one jitted function computes ``A`` (the model run with the layer's output
+recorded), then ``outputs, vjp = jax.vjp(head_from_layer, A)`` where ``head_from_layer``
+runs the model with the layer's output replaced by ``A`` (XLA removes the dead computation
+below the layer; skip connections from below still see the real input), and ``jax.vmap``
+of ``vjp`` over T one-hot cotangents: one forward pass and one batched backward pass per
+call, whatever T, and nothing below the layer is differentiated. The compiled function is
+cached per bound model and input shape; class ids are an array argument, so new target
+classes at the same shapes do not recompile, and the arg-max for the predicted class runs
+inside it.
+
+Constraints: the global JAX configuration is never changed (no ``jax_enable_x64``); the
+user's variables and nnx module are never mutated (nnx runs on a merged copy of its split
+state); results are float32 whatever the model computes in; inputs are channels-last.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..errors import (
+    BackendError,
+    InputError,
+    LayerError,
+    MulticamError,
+    TargetError,
+    UnsupportedModelError,
+    nearest_names,
+)
+from ..targets import Targets
+from .base import Backend, BoundModel, LayerGradients, check_finite_input, make_layer_gradients
+
+__all__ = [
+    "FunctionPairBoundModel",
+    "JaxBackend",
+    "JaxBoundModel",
+    "LinenBoundModel",
+    "NnxBoundModel",
+]
+
+
+def _linen_module_class() -> type | None:
+    module = sys.modules.get("flax.linen")
+    return getattr(module, "Module", None)
+
+
+def _nnx_module_class() -> type | None:
+    module = sys.modules.get("flax.nnx")
+    return getattr(module, "Module", None)
+
+
+class JaxBackend(Backend):
+    """Explains Flax linen and nnx modules, and ``(features, head)`` pairs of JAX functions.
+
+    Inputs are channels-last, e.g. NHWC.
+    """
+
+    name = "jax"
+    extra = "jax"
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        if "flax" not in sys.modules and "jax" not in sys.modules:
+            return False
+        return any(
+            module_class is not None and isinstance(model, module_class)
+            for module_class in (_linen_module_class(), _nnx_module_class())
+        )
+
+    def bind(self, model: Any, layer: Any, **options: Any) -> JaxBoundModel:
+        """Bind ``model`` to ``layer``.
+
+        Args:
+            model: a linen module, an nnx module, or a ``(features, head)`` pair.
+            layer: a linen module path or perturbation path (``"features/relu4"``), an nnx
+                attribute path (``"features.relu4"``), or ``None`` for a function pair.
+            **options: ``variables`` (required for linen: the dict passed to ``apply``) and
+                ``apply_kwargs`` (linen only: extra keyword arguments for ``apply``, e.g.
+                ``{"train": False}``).
+
+        Raises:
+            LayerError: the layer does not exist (the message names the nearest paths).
+            BackendError: an option is missing, unknown or does not fit the model.
+            UnsupportedModelError: the model is none of the three kinds.
+        """
+        variables = options.pop("variables", None)
+        apply_kwargs = options.pop("apply_kwargs", None)
+        if options:
+            raise BackendError(
+                f"the jax backend takes the options variables= and apply_kwargs=, got "
+                f"{sorted(options)}."
+            )
+        linen_module = _linen_module_class()
+        nnx_module = _nnx_module_class()
+        if linen_module is not None and isinstance(model, linen_module):
+            if variables is None:
+                raise BackendError(
+                    "a Flax linen module needs its variables: pass variables=... (the dict "
+                    "from module.init, with 'params' and any other collections)."
+                )
+            return LinenBoundModel(model, layer, variables, dict(apply_kwargs or {}))
+        if variables is not None or apply_kwargs is not None:
+            raise BackendError(
+                "variables= and apply_kwargs= are for Flax linen modules only; an nnx module "
+                "holds its own state and a (features, head) pair closes over its parameters."
+            )
+        if nnx_module is not None and isinstance(model, nnx_module):
+            return NnxBoundModel(model, layer)
+        if isinstance(model, tuple | list) and len(model) == 2 and all(map(callable, model)):
+            return FunctionPairBoundModel(model[0], model[1], layer)
+        raise UnsupportedModelError(
+            f"the jax backend explains Flax linen modules (with variables=), Flax nnx modules "
+            f"and (features, head) pairs of JAX functions, got {type(model).__module__}."
+            f"{type(model).__qualname__}."
+        )
+
+
+class _ById:
+    """Hashes and compares a callable by identity, so that jit can take it as static."""
+
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
+        self.fn = fn
+
+    def __hash__(self) -> int:
+        return id(self.fn)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _ById) and other.fn is self.fn
+
+
+class JaxBoundModel(BoundModel):
+    """A JAX model bound to one layer; subclasses say how to run it.
+
+    A subclass implements :meth:`_arguments` (the dynamic pytree and the hashable static
+    part the jitted function takes), :meth:`_features` (the layer's output) and
+    :meth:`_head` (the model's output with the layer's output replaced).
+
+    Attributes:
+        trace_count: how many times the jitted computation was traced (compiled); for
+            tests and diagnostics.
+    """
+
+    backend = "jax"
+    layout = "channels_last"
+
+    def __init__(self, layer_name: str) -> None:
+        self.layer_name = layer_name
+        self.trace_count = 0
+        self._jitted = jax.jit(self._compute, static_argnames=("mode", "score_fn", "static"))
+
+    # --- to implement ---------------------------------------------------------------
+
+    def _arguments(self) -> tuple[Any, Hashable]:
+        """The model's dynamic state (a pytree of arrays) and its hashable static part."""
+        return None, None
+
+    def _features(self, dynamic: Any, static: Any, x: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------
+
+    def _prepare(self, inputs: Any) -> jax.Array | np.ndarray:
+        if isinstance(inputs, jax.Array):
+            x: Any = inputs
+        else:
+            x = np.asarray(inputs)
+            if not (x.dtype.kind in "biuf" or jnp.issubdtype(x.dtype, jnp.floating)):
+                raise InputError(f"the input has dtype {x.dtype}; pass numbers.")
+            if x.dtype == np.float64:
+                x = x.astype(np.float32)  # what JAX computes in without x64
+        if x.ndim < 2:
+            raise InputError(
+                f"the input has shape {tuple(x.shape)}; pass a batch (N, *spatial, C), "
+                "e.g. x[None] for a single sample."
+            )
+        if isinstance(x, np.ndarray) and x.dtype.kind == "f":
+            check_finite_input(x)
+        elif jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.isfinite(x).all()):
+            check_finite_input(np.asarray(x, dtype=np.float32))
+        return x
+
+    def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        x = self._prepare(inputs)
+        classes = None
+        if targets.kind == "classes":
+            assert targets.classes is not None
+            classes = np.asarray(targets.classes, dtype=np.int32)
+        score_fn = None
+        if targets.kind == "score":
+            assert targets.score_fn is not None
+            score_fn = _ById(targets.score_fn)
+        dynamic, static = self._arguments()
+        try:
+            activations, grads, scores, outputs, class_ids = self._jitted(
+                dynamic, x, classes, mode=targets.kind, score_fn=score_fn, static=static
+            )
+        except MulticamError:
+            raise
+        except Exception as exc:
+            exc.add_note(
+                f"multicam: raised by the model's forward on an input of shape "
+                f"{tuple(x.shape)}; JAX/Flax models take channels-last input "
+                "(N, *spatial, C), e.g. NHWC for 2-D convolutions."
+            )
+            raise
+        if targets.kind == "classes":
+            class_ids = targets.class_ids(tuple(outputs.shape))  # validates the range
+        elif class_ids is not None:
+            class_ids = np.asarray(class_ids, dtype=np.int64)
+        return make_layer_gradients(
+            activations,
+            grads,
+            scores,
+            class_ids,
+            layout=self.layout,
+            input_shape=tuple(x.shape),
+            layer_name=self.layer_name,
+        )
+
+    def _compute(
+        self,
+        dynamic: Any,
+        x: jax.Array,
+        classes: jax.Array | None,
+        *,
+        mode: str,
+        score_fn: _ById | None,
+        static: Any,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """Traced under jit: activations, (N, T, ...) gradients, (N, T) scores, outputs, ids."""
+        self.trace_count += 1
+        a = self._features(dynamic, static, x)
+        if not isinstance(a, jax.Array):
+            raise LayerError(
+                f"layer {self.layer_name!r} returns {type(a).__name__}, not an array; choose "
+                "a layer whose output is one (N, *spatial, K) array."
+            )
+
+        def head(a: jax.Array) -> jax.Array:
+            out = self._head(dynamic, static, x, a)
+            if not isinstance(out, jax.Array):
+                raise TargetError(
+                    f"the model returned {type(out).__name__}; models with several outputs "
+                    "(tuples, dicts) are not supported yet: wrap the model so that it "
+                    "returns one array."
+                )
+            return out
+
+        n = a.shape[0]
+        if mode == "score":
+            assert score_fn is not None
+
+            def scored(a: jax.Array) -> jax.Array:
+                s = score_fn.fn(head(a))
+                if not isinstance(s, jax.Array) or s.shape != (n,):
+                    shape = s.shape if isinstance(s, jax.Array) else type(s).__name__
+                    raise TargetError(
+                        f"the target function returned {shape}; it must return an array of "
+                        f"one score per sample, shape ({n},)."
+                    )
+                return s
+
+            s, vjp_fn = jax.vjp(scored, a)
+            (g,) = vjp_fn(jnp.ones_like(s))
+            return (
+                a.astype(jnp.float32),
+                g[:, None].astype(jnp.float32),
+                s[:, None].astype(jnp.float32),
+                s,
+                None,
+            )
+        out, vjp_fn = jax.vjp(head, a)
+        if out.ndim != 2:
+            Targets("all", n).class_ids(out.shape)  # raises the TargetError for (N, C)
+        num_classes = out.shape[1]
+        if mode == "predicted":
+            classes = jnp.argmax(out, axis=1)[:, None]
+        elif mode == "all":
+            classes = jnp.broadcast_to(jnp.arange(num_classes), (n, num_classes))
+        assert classes is not None
+        scores = jnp.take_along_axis(out, classes, axis=1)
+        cotangents = jax.nn.one_hot(classes.T, num_classes, dtype=out.dtype)  # (T, N, C)
+        (grads,) = jax.vmap(vjp_fn)(cotangents)  # (T, N, *A)
+        return (
+            a.astype(jnp.float32),
+            jnp.moveaxis(grads, 0, 1).astype(jnp.float32),
+            scores.astype(jnp.float32),
+            out,
+            None if mode == "classes" else classes,
+        )
+
+
+def _check_hits(layer_name: str, hits: int, candidates: Callable[[], list[str]]) -> None:
+    if hits == 0:
+        raise LayerError(
+            f"the model has no layer {layer_name!r} that runs in its forward pass; nearest "
+            f"paths: {nearest_names(layer_name, candidates())}."
+        )
+    if hits > 1:
+        raise LayerError(
+            f"layer {layer_name!r} ran {hits} times in one forward pass; Grad-CAM needs a "
+            "layer that runs exactly once (choose another layer, or a module that is not "
+            "shared)."
+        )
+
+
+# --- linen ---------------------------------------------------------------------------
+
+
+class _LinenTap:
+    """A method interceptor that records or replaces one layer's output during ``apply``."""
+
+    def __init__(self, path: tuple[str, ...], replacement: jax.Array | None = None) -> None:
+        self.path = path
+        self.replacement = replacement
+        self.hits = 0
+        self.captured: Any = None
+        self.modules: set[tuple[str, ...]] = set()
+        self.perturbations: set[tuple[str, ...]] = set()
+
+    def names(self) -> list[str]:
+        return sorted("/".join(p) for p in self.modules | self.perturbations if p)
+
+    def _hit(self, value: Any) -> Any:
+        self.hits += 1
+        if self.replacement is None:
+            self.captured = value
+            return value
+        return self.replacement
+
+    def _perturb(
+        self, module: Any, name: str, value: Any, collection: str = "perturbations"
+    ) -> Any:
+        value = type(module).perturb(module, name, value, collection)
+        path = (*module.path, name)
+        self.perturbations.add(path)
+        return self._hit(value) if path == self.path else value
+
+    def __call__(self, next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        path = tuple(module.path)
+        self.modules.add(path)
+        # Route this (bound, per-apply) module's self.perturb through the tap; the user's
+        # unbound module is never touched.
+        installed = "perturb" not in vars(module)
+        if installed:
+            object.__setattr__(module, "perturb", functools.partial(self._perturb, module))
+        try:
+            out = next_fun(*args, **kwargs)
+        finally:
+            if installed:
+                object.__delattr__(module, "perturb")
+        if context.method_name == "__call__" and path == self.path:
+            out = self._hit(out)
+        return out
+
+
+class LinenBoundModel(JaxBoundModel):
+    """A Flax linen module with its variables, bound to a module or perturbation path.
+
+    Which paths exist is known only once the forward is traced (parameterless modules and
+    perturbations leave no trace in ``variables``), so an unknown path raises
+    :class:`LayerError` on the first call of :meth:`gradients`, not in ``bind``.
+    """
+
+    def __init__(
+        self, module: Any, layer: Any, variables: Any, apply_kwargs: dict[str, Any]
+    ) -> None:
+        if not isinstance(layer, str) or not layer.strip("/"):
+            raise LayerError(
+                f"for a Flax linen module, layer must be a module path such as "
+                f"'features/conv3' or a perturbation path such as 'features/relu4', got "
+                f"{layer!r}."
+            )
+        super().__init__(layer)
+        self.module = module
+        self.variables = variables
+        self.apply_kwargs = apply_kwargs
+        self.path = tuple(layer.strip("/").split("/"))
+
+    def _arguments(self) -> tuple[Any, Hashable]:
+        return self.variables, None
+
+    def _run(self, variables: Any, x: jax.Array, tap: _LinenTap) -> Any:
+        import flax.linen as nn
+
+        with nn.intercept_methods(tap):
+            return self.module.apply(variables, x, **self.apply_kwargs)
+
+    def _features(self, dynamic: Any, static: Any, x: jax.Array) -> jax.Array:
+        tap = _LinenTap(self.path)
+        self._run(dynamic, x, tap)
+        _check_hits(self.layer_name, tap.hits, tap.names)
+        return tap.captured
+
+    def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
+        tap = _LinenTap(self.path, replacement=a)
+        out = self._run(dynamic, x, tap)
+        _check_hits(self.layer_name, tap.hits, tap.names)
+        return out
+
+
+# --- nnx -----------------------------------------------------------------------------
+
+
+class _NnxTap:
+    """Stands in for the layer's module on the merged copy; records or replaces its output."""
+
+    def __init__(self, inner: Any, replacement: jax.Array | None) -> None:
+        self.inner = inner
+        self.replacement = replacement
+        self.hits = 0
+        self.captured: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self.inner(*args, **kwargs)
+        self.hits += 1
+        if self.replacement is None:
+            self.captured = out
+            return out
+        return self.replacement
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
+
+
+def _get_child(parent: Any, part: str) -> Any:
+    if part.isdigit() and not hasattr(parent, part):
+        return parent[int(part)]
+    return getattr(parent, part)
+
+
+def _set_child(parent: Any, part: str, value: Any) -> None:
+    if part.isdigit() and not hasattr(parent, part):
+        parent[int(part)] = value
+    else:
+        setattr(parent, part, value)
+
+
+def _nnx_module_paths(model: Any) -> list[str]:
+    from flax import nnx
+
+    return sorted(
+        ".".join(str(p) for p in path)
+        for path, node in nnx.iter_graph(model)
+        if path and isinstance(node, nnx.Module)
+    )
+
+
+class NnxBoundModel(JaxBoundModel):
+    """A Flax nnx module bound to a dotted attribute path."""
+
+    def __init__(self, model: Any, layer: Any) -> None:
+        if not isinstance(layer, str) or not layer:
+            raise LayerError(
+                f"for a Flax nnx module, layer must be a dotted attribute path such as "
+                f"'features.relu4', got {layer!r}."
+            )
+        super().__init__(layer)
+        self.model = model
+        self.parts = tuple(layer.split("."))
+        node = model
+        try:
+            for part in self.parts:
+                node = _get_child(node, part)
+        except (AttributeError, IndexError, KeyError, TypeError):
+            node = None
+        if node is None or not callable(node):
+            raise LayerError(
+                f"the model has no layer {layer!r}; nearest attribute paths of its "
+                f"submodules: {nearest_names(layer, _nnx_module_paths(model))}."
+            )
+
+    def _arguments(self) -> tuple[Any, Hashable]:
+        from flax import nnx
+
+        graphdef, state = nnx.split(self.model)
+        return state, graphdef
+
+    def _run(self, state: Any, graphdef: Any, x: jax.Array, replacement: Any) -> Any:
+        from flax import nnx
+
+        model = nnx.merge(graphdef, state)  # a copy: the user's module is never touched
+        parent = model
+        for part in self.parts[:-1]:
+            parent = _get_child(parent, part)
+        tap = _NnxTap(_get_child(parent, self.parts[-1]), replacement)
+        _set_child(parent, self.parts[-1], tap)
+        out = model(x)
+        _check_hits(self.layer_name, tap.hits, lambda: _nnx_module_paths(self.model))
+        return out, tap.captured
+
+    def _features(self, dynamic: Any, static: Any, x: jax.Array) -> jax.Array:
+        return self._run(dynamic, static, x, None)[1]
+
+    def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
+        return self._run(dynamic, static, x, a)[0]
+
+
+# --- function pair -------------------------------------------------------------------
+
+
+class FunctionPairBoundModel(JaxBoundModel):
+    """A ``(features, head)`` pair: ``features(x) -> A``, ``head(A) -> outputs``."""
+
+    def __init__(
+        self, features: Callable[[Any], Any], head: Callable[[Any], Any], layer: Any
+    ) -> None:
+        if layer is not None:
+            raise LayerError(
+                f"a (features, head) pair is split at its layer already; pass layer=None, "
+                f"got {layer!r}."
+            )
+        super().__init__(getattr(features, "__name__", "features"))
+        self.features = features
+        self.head = head
+
+    def _features(self, dynamic: Any, static: Any, x: jax.Array) -> jax.Array:
+        return self.features(x)
+
+    def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
+        return self.head(a)

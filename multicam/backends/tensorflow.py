@@ -1,0 +1,489 @@
+"""The TensorFlow backend: Keras 3 models on the TensorFlow backend.
+
+Its one job is to return, as NumPy arrays, the output of one layer of a Keras model, the
+gradients of the target scores with respect to that output, and the scores
+(:class:`~multicam.backends.base.LayerGradients`); all Grad-CAM algebra lives in
+:mod:`multicam.algebra`.
+
+Mechanism: for the duration of one eager forward pass, the bound layer instance's ``call``
+is shadowed by a wrapper that records its output and ``watch``-es it on a
+``tf.GradientTape(watch_accessed_variables=False)``. Nothing upstream of the layer is
+recorded, no variable is differentiated, and because the model is simply called, layers
+inside nested models, Sequential, Functional and subclassed models all work (no rebuilt
+"sub-model", hence no "Graph disconnected" error). The original ``call`` is restored in a
+``finally``, so the model is exactly as before, also when its forward raises; no trainable
+flag and no global TensorFlow or Keras setting is touched.
+
+Constraints: one forward pass per batch whatever the number of targets T (T > 1 uses a
+vectorised batch Jacobian, falling back to T backward passes over the same tape); the
+chosen layer must be called exactly once per forward; single-output models only;
+``tensorflow`` and ``keras`` are imported only when a model is bound, never to answer
+:meth:`TensorFlowBackend.accepts`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..errors import (
+    BackendError,
+    InputError,
+    LayerError,
+    TargetError,
+    UnsupportedModelError,
+    nearest_names,
+)
+from ..targets import Targets
+from .base import (
+    Backend,
+    BoundModel,
+    LayerGradients,
+    Layout,
+    check_finite_input,
+    make_layer_gradients,
+)
+
+__all__ = ["TensorFlowBackend", "TensorFlowBoundModel"]
+
+_MISSING = object()
+#: The layer attributes Keras' ``Operation.__call__`` may dispatch to.
+_CALL_ATTRIBUTES = ("call", "quantized_call")
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class TensorFlowBackend(Backend):
+    """Recognises Keras 3 models (``keras.Model`` or any ``keras.layers.Layer``)."""
+
+    name: ClassVar[str] = "tensorflow"
+    extra: ClassVar[str] = "tensorflow"
+
+    @classmethod
+    def accepts(cls, model: Any) -> bool:
+        """Whether ``model`` is a Keras 3 layer or model; never imports Keras to answer."""
+        keras = sys.modules.get("keras")
+        if keras is None:
+            return False
+        layer_cls = getattr(getattr(keras, "layers", None), "Layer", None)
+        return isinstance(layer_cls, type) and isinstance(model, layer_cls)
+
+    def bind(self, model: Any, layer: Any, **options: Any) -> TensorFlowBoundModel:
+        """Bind a Keras model to one of its layers.
+
+        Args:
+            model: a Keras 3 model (Functional, Sequential or subclassed) or layer, running
+                on the TensorFlow backend.
+            layer: the layer's name, its path through nested models (``"block2/conv1"``),
+                a unique bare name of a nested layer, or the layer object itself.
+            **options: ``layout`` (``"channels_last"`` or ``"channels_first"``) overrides
+                the layout read from the layer's ``data_format``.
+
+        Raises:
+            UnsupportedModelError: not a Keras 3 model, or Keras runs on another backend.
+            LayerError: the layer does not exist (the message names the nearest valid
+                paths) or its bare name is ambiguous.
+        """
+        import keras
+
+        if not isinstance(model, keras.layers.Layer):
+            raise UnsupportedModelError(
+                f"the 'tensorflow' backend explains Keras 3 models; got "
+                f"{type(model).__module__}.{type(model).__qualname__}."
+            )
+        if keras.backend.backend() != "tensorflow":
+            raise UnsupportedModelError(
+                f"this Keras model runs on the {keras.backend.backend()!r} Keras backend; "
+                "the 'tensorflow' backend needs KERAS_BACKEND=tensorflow (set it before "
+                "importing keras)."
+            )
+        unknown = set(options) - {"layout"}
+        if unknown:
+            raise BackendError(
+                f"the 'tensorflow' backend got unknown options {sorted(unknown)}; "
+                "it accepts: layout."
+            )
+        named = list(_named_layers(model))
+        path, target = _resolve_layer(model, layer, named)
+        layout = options.get("layout") or _layout_of(target, named)
+        if layout not in ("channels_last", "channels_first"):
+            raise BackendError(
+                f"layout={layout!r} is not understood; use 'channels_last' or 'channels_first'."
+            )
+        return TensorFlowBoundModel(model, target, path, layout)
+
+
+class TensorFlowBoundModel(BoundModel):
+    """A Keras model bound to one layer; see :class:`TensorFlowBackend`."""
+
+    backend: ClassVar[str] = "tensorflow"
+
+    def __init__(self, model: Any, layer: Any, layer_name: str, layout: Layout) -> None:
+        """Store the resolved layer; use :meth:`TensorFlowBackend.bind` to make one."""
+        self.model = model
+        self.layer = layer
+        self.layer_name = layer_name
+        self.layout = layout
+
+    def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """Run one forward pass and one batched backward pass to the bound layer.
+
+        Args:
+            inputs: a batch in the model's layout (NHWC unless the layer is channels-first),
+                a NumPy array or a ``tf.Tensor``.
+            targets: the parsed target request.
+
+        Returns:
+            Channels-first float32 activations ``(N, K, *S)``, gradients ``(N, T, K, *S)``
+            and scores ``(N, T)``.
+
+        Raises:
+            InputError: the input's shape does not fit the model's declared input.
+            NonFiniteError: NaN or Inf in the input, activations, gradients or scores.
+            LayerError: the layer was not called exactly once, or the scores do not depend
+                on its output.
+            TargetError: the targets do not fit the output, or the model has several
+                outputs.
+        """
+        import tensorflow as tf
+
+        x = self._prepare_inputs(inputs)
+        first = tf.nest.flatten(x)[0]
+        input_shape = tuple(int(d) for d in first.shape)
+        record = _Record()
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            restore = _install(self.layer, record, tape)
+            try:
+                outputs = self.model(x, training=False)
+            except Exception as exc:
+                exc.add_note(
+                    f"(raised by the model's own forward pass while multicam recorded layer "
+                    f"{self.layer_name!r}; the model has been restored unchanged)"
+                )
+                raise
+            finally:
+                restore()
+            activations = self._recorded_activations(record)
+            outputs = self._single_output(outputs)
+            if targets.kind == "score":
+                assert targets.score_fn is not None
+                scores = tf.convert_to_tensor(targets.score_fn(outputs))
+                if tuple(scores.shape) != (input_shape[0],):
+                    raise TargetError(
+                        f"the target score function returned shape {tuple(scores.shape)} for "
+                        f"a batch of {input_shape[0]}; it must return one score per sample, "
+                        f"shape ({input_shape[0]},)."
+                    )
+                scores = scores[:, None]
+                class_ids = None
+            else:
+                values = tf.cast(outputs, tf.float32).numpy()
+                class_ids = targets.class_ids(tuple(outputs.shape), values)
+                scores = tf.gather(outputs, class_ids, axis=1, batch_dims=1)
+            # Per-target columns, recorded now for the fallback of _backward (cheap).
+            columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
+        try:
+            gradients = self._backward(tape, scores, columns, activations)
+        finally:
+            del tape
+        return make_layer_gradients(
+            tf.cast(activations, tf.float32).numpy(),
+            tf.cast(gradients, tf.float32).numpy(),
+            tf.cast(scores, tf.float32).numpy(),
+            class_ids,
+            layout=self.layout,
+            input_shape=input_shape,
+            layer_name=self.layer_name,
+        )
+
+    def _prepare_inputs(self, inputs: Any) -> Any:
+        """Check the input's finiteness and shape; return it as tensor(s)."""
+        import tensorflow as tf
+
+        if isinstance(inputs, list | tuple | dict):  # a multi-input model
+            leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(inputs)]
+            for leaf in leaves:
+                check_finite_input(leaf)
+            return tf.nest.map_structure(tf.convert_to_tensor, inputs)
+        array = inputs.numpy() if isinstance(inputs, tf.Tensor) else np.asarray(inputs)
+        if array.ndim == 0:
+            self.batch_size(array)  # raises the scalar InputError
+        check_finite_input(array)
+        declared = _declared_input(self.model)
+        if declared is not None:
+            shape, dtype = declared
+            self._check_shape(tuple(array.shape), shape)
+            if array.dtype.kind == "f" and dtype in _FLOAT_DTYPES:
+                return tf.cast(tf.convert_to_tensor(inputs), dtype)
+        return tf.convert_to_tensor(inputs)
+
+    def _check_shape(self, got: tuple[int, ...], want: tuple[int | None, ...]) -> None:
+        """Raise :class:`InputError` if ``got`` does not fit the declared ``want``."""
+
+        def fits(shape: tuple[int, ...]) -> bool:
+            return len(shape) == len(want) and all(
+                w is None or int(w) == g for g, w in zip(shape, want, strict=True)
+            )
+
+        want = (None, *want[1:])  # a model built on one batch may declare its size
+        if fits(got):
+            return
+        declared = "(N, " + ", ".join(str(w) for w in want[1:]) + ")"
+        message = f"the input has shape {got} but the model expects {declared}."
+        if len(got) == len(want) - 1 and fits((1, *got)):
+            hint = " It looks like a single sample without its batch dimension: pass x[None]."
+        elif len(got) >= 3 and fits((got[0], *got[2:], got[1])):
+            hint = (
+                " It looks like a channels-first (NCHW) batch given to a channels-last (NHWC) "
+                "model: transpose it with np.moveaxis(x, 1, -1)."
+            )
+        elif len(got) >= 3 and fits((got[0], got[-1], *got[1:-1])):
+            hint = (
+                " It looks like a channels-last (NHWC) batch given to a channels-first (NCHW) "
+                "model: transpose it with np.moveaxis(x, -1, 1)."
+            )
+        elif len(got) != len(want):
+            hint = f" The rank differs: got {len(got)} dims, expected {len(want)}."
+        else:
+            hint = " Resize or reshape the input to the model's input shape."
+        raise InputError(message + hint)
+
+    def _recorded_activations(self, record: _Record) -> Any:
+        """The bound layer's output from this forward, checked to be called once."""
+        import tensorflow as tf
+
+        if record.calls == 0:
+            raise LayerError(
+                f"layer {self.layer_name!r} was not called during the model's forward pass, "
+                "so it has no activations: choose a layer the forward actually uses (a "
+                "model whose call runs inside tf.function is not supported; call it eagerly)."
+            )
+        if record.calls > 1:
+            raise LayerError(
+                f"layer {self.layer_name!r} was called {record.calls} times in one forward "
+                "pass (a shared or reused layer), so its activations are ambiguous; choose a "
+                "layer that is called exactly once, e.g. the one right after it."
+            )
+        output = record.output
+        if not isinstance(output, tf.Tensor) or isinstance(output, tf.SparseTensor):
+            raise LayerError(
+                f"layer {self.layer_name!r} returned {type(output).__name__}, not a single "
+                "dense tensor; choose a layer with one tensor output."
+            )
+        if not tf.executing_eagerly() or not hasattr(output, "numpy"):
+            raise BackendError(
+                f"layer {self.layer_name!r} ran inside a traced tf.function; multicam needs "
+                "the model to run eagerly."
+            )
+        return output
+
+    def _single_output(self, outputs: Any) -> Any:
+        """The model's single output tensor, or a :class:`TargetError` for several."""
+        import tensorflow as tf
+
+        if isinstance(outputs, list | tuple | dict):
+            if isinstance(outputs, list | tuple) and len(outputs) == 1:
+                return outputs[0]
+            raise TargetError(
+                f"the model returned {type(outputs).__name__} of {len(outputs)} outputs; "
+                "multi-output models are not yet supported. Wrap the model so that it "
+                "returns the one output to explain, e.g. keras.Model(model.inputs, "
+                "model.outputs[0]) or a small subclassed model."
+            )
+        return tf.convert_to_tensor(outputs)
+
+    def _backward(self, tape: Any, scores: Any, columns: list[Any], activations: Any) -> Any:
+        """``(N, T, *layer_shape)`` gradients of ``scores`` (N, T) w.r.t. the activations.
+
+        Every tensor differentiated here was computed inside the tape: ``scores`` and its
+        per-target ``columns`` (N,).
+        """
+        import tensorflow as tf
+
+        if len(columns) == 1:
+            gradients = tape.gradient(scores, activations)
+            if gradients is None:
+                raise self._disconnected()
+            return gradients[:, None]
+        try:
+            gradients = tape.batch_jacobian(scores, activations, experimental_use_pfor=True)
+        except Exception:  # pfor cannot vectorise some op: one backward per target
+            rows = [tape.gradient(column, activations) for column in columns]
+            if any(row is None for row in rows):
+                raise self._disconnected() from None
+            return tf.stack(rows, axis=1)
+        if gradients is None:
+            raise self._disconnected()
+        return gradients
+
+    def _disconnected(self) -> LayerError:
+        return LayerError(
+            f"the target scores do not depend on the output of layer {self.layer_name!r}; "
+            "choose a layer on the path to the model's output (and a target function that "
+            "uses the outputs)."
+        )
+
+
+class _Record:
+    """What the wrapped ``call`` saw during one forward."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.depth = 0
+        self.output: Any = None
+
+
+def _install(layer: Any, record: _Record, tape: Any) -> Any:
+    """Shadow ``layer``'s call methods with recording wrappers; return the undo function."""
+    saved: list[tuple[str, Any]] = []
+
+    def wrap(method: Any) -> Any:
+        def recording_call(*args: Any, **kwargs: Any) -> Any:
+            record.depth += 1
+            try:
+                output = method(*args, **kwargs)
+            finally:
+                record.depth -= 1
+            if record.depth == 0:
+                record.calls += 1
+                if record.calls == 1:
+                    if not isinstance(output, list | tuple | dict):
+                        tape.watch(output)
+                    record.output = output
+            return output
+
+        return recording_call
+
+    try:
+        for attribute in _CALL_ATTRIBUTES:
+            method = getattr(layer, attribute, None)
+            if method is None:
+                continue
+            saved.append((attribute, layer.__dict__.get(attribute, _MISSING)))
+            object.__setattr__(layer, attribute, wrap(method))
+    except BaseException:
+        _restore(layer, saved)
+        raise
+    return lambda: _restore(layer, saved)
+
+
+def _restore(layer: Any, saved: list[tuple[str, Any]]) -> None:
+    for attribute, original in reversed(saved):
+        if original is _MISSING:
+            object.__delattr__(layer, attribute)
+        else:
+            object.__setattr__(layer, attribute, original)
+
+
+def _children(layer: Any) -> list[Any]:
+    """The direct sub-layers of ``layer``, without input layers."""
+    import keras
+
+    if isinstance(layer, keras.Model):
+        children = list(layer.layers)
+    else:
+        try:
+            children = list(layer._flatten_layers(include_self=False, recursive=False))
+        except (AttributeError, TypeError):
+            children = []
+    return [child for child in children if not isinstance(child, keras.layers.InputLayer)]
+
+
+def _named_layers(model: Any) -> Iterator[tuple[str, Any]]:
+    """``(path, layer)`` for every layer under ``model``, parents before children."""
+    seen: set[int] = {id(model)}
+
+    def walk(layer: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+        for child in _children(layer):
+            if id(child) in seen:
+                continue
+            seen.add(id(child))
+            path = prefix + child.name
+            yield path, child
+            yield from walk(child, path + "/")
+
+    yield from walk(model, "")
+
+
+def _resolve_layer(model: Any, layer: Any, named: list[tuple[str, Any]]) -> tuple[str, Any]:
+    """Find ``layer`` (a path, a bare name or a layer object) among ``named``."""
+    import keras
+
+    paths = [path for path, _ in named]
+    if isinstance(layer, keras.layers.Layer):
+        for path, candidate in named:
+            if candidate is layer:
+                return path, candidate
+        if layer is model:
+            raise LayerError(
+                "the chosen layer is the model itself, whose output has no spatial "
+                "dimensions; choose one of its layers, e.g. "
+                + nearest_names(getattr(layer, "name", ""), paths)
+            )
+        raise LayerError(
+            f"the layer object {layer.name!r} is not part of this model. Layers of the "
+            f"model include: {nearest_names(layer.name, paths)}."
+        )
+    if not isinstance(layer, str):
+        raise LayerError(
+            f"layer must be a layer name, a path such as 'block2/conv1', or a Keras layer "
+            f"object; got {type(layer).__name__}."
+        )
+    by_path = dict(named)
+    for candidate in (layer, layer.replace(".", "/")):
+        if candidate in by_path:
+            return candidate, by_path[candidate]
+    leaf = layer.replace(".", "/").rsplit("/", 1)[-1] if "/" not in layer else None
+    if leaf is not None:
+        matches = [(path, obj) for path, obj in named if path.rsplit("/", 1)[-1] == leaf]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise LayerError(
+                f"layer name {layer!r} is ambiguous: it matches "
+                + ", ".join(repr(path) for path, _ in matches)
+                + "; pass the full path."
+            )
+    if not paths:
+        raise LayerError(
+            f"no layer {layer!r}: the model has no named sub-layers (Keras tracks layers "
+            "assigned as attributes of a subclassed model)."
+        )
+    raise LayerError(
+        f"no layer {layer!r} in model {getattr(model, 'name', '')!r}; nested layers are "
+        f"addressed by path, e.g. 'block2/conv1'. Did you mean: {nearest_names(layer, paths)}?"
+    )
+
+
+def _layout_of(layer: Any, named: list[tuple[str, Any]]) -> Layout:
+    """The channel layout of ``layer``'s output, from the nearest ``data_format``."""
+    import keras
+
+    own = getattr(layer, "data_format", None)
+    if own in ("channels_last", "channels_first"):
+        return own
+    formats = [(path, getattr(obj, "data_format", None)) for path, obj in named]
+    index = next(i for i, (_, obj) in enumerate(named) if obj is layer)
+    prefix = named[index][0] + "/"
+    inside = [fmt for path, fmt in formats if path.startswith(prefix)]
+    before = [fmt for _, fmt in reversed(formats[:index])]
+    for fmt in [*reversed(inside), *before]:
+        if fmt in ("channels_last", "channels_first"):
+            return fmt
+    return keras.config.image_data_format()
+
+
+def _declared_input(model: Any) -> tuple[tuple[int | None, ...], Any] | None:
+    """The shape and dtype of the model's single declared input, if it has one."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    if not isinstance(inputs, list | tuple) or len(inputs) != 1:
+        return None
+    shape = getattr(inputs[0], "shape", None)
+    if shape is None:
+        return None
+    return tuple(None if d is None else int(d) for d in shape), getattr(inputs[0], "dtype", None)
