@@ -43,9 +43,10 @@ def tests(session: nox.Session) -> None:
     """All backends in one environment, so the cross-backend agreement tests run.
 
     Includes Captum, the independent PyTorch implementation the torch results are checked
-    against. Extra pytest arguments pass through: ``nox -s tests -- -k algebra``.
+    against, and the ``viz`` extra, so the demo runs end to end and writes its PNG. Extra
+    pytest arguments pass through: ``nox -s tests -- -k algebra``.
     """
-    _install(session, list(FRAMEWORKS), extras="test,peers")
+    _install(session, list(FRAMEWORKS), extras="test,peers,viz")
     session.run(
         "pytest",
         *session.posargs,

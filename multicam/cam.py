@@ -15,6 +15,8 @@ import numpy as np
 
 from . import algebra
 from .backends import Backend, BoundModel, LayerGradients, backend_for, get_backend
+from .backends.base import check_finite
+from .diagnose import Diagnosis, diagnose, warn_if_blank
 from .errors import InputError, OptionError
 from .targets import TargetLike, Targets
 
@@ -42,6 +44,7 @@ class CAMResult:
         gradients: ``(N, T, K, *S)`` d scores / d activations.
         layer: the layer's name.
         backend: the backend's name.
+        outputs: the model's outputs, e.g. ``(N, C)``, when the backend provides them.
     """
 
     maps: np.ndarray
@@ -53,6 +56,15 @@ class CAMResult:
     gradients: np.ndarray
     layer: str
     backend: str
+    outputs: np.ndarray | None = None
+
+    def diagnose(self) -> Diagnosis:
+        """Explain what the maps show, and why a map is blank, with the numbers behind it.
+
+        Returns:
+            A :class:`~multicam.diagnose.Diagnosis`; ``print()`` it for a report.
+        """
+        return diagnose(self)
 
 
 class CAM:
@@ -110,6 +122,7 @@ class CAM:
         interpolation: str = "bilinear",
         align_corners: bool = False,
         eps: float = 1e-8,
+        warn: bool = True,
     ) -> CAMResult:
         """Explain a batch.
 
@@ -129,6 +142,8 @@ class CAM:
                 any number of dims) or ``"nearest"``; see :mod:`multicam.algebra`.
             align_corners: linear interpolation mapping corner pixels onto each other.
             eps: maps whose range is at most ``eps`` normalise to zeros.
+            warn: warn (:class:`~multicam.diagnose.BlankMapWarning`) when a map is blank
+                after the ReLU; ``result.diagnose()`` says why.
 
         Returns:
             A :class:`CAMResult`.
@@ -140,6 +155,7 @@ class CAM:
             )
         if align_corners and interpolation == "nearest":
             raise OptionError("align_corners=True applies to linear interpolation only.")
+        _check_options(relu=relu, normalize=normalize, align_corners=align_corners, eps=eps)
         n = self.bound.batch_size(inputs)
         if n == 0:
             raise InputError("the input batch is empty (N = 0); pass at least one sample.")
@@ -150,9 +166,10 @@ class CAM:
         out_size = self._output_size(size, layer_gradients)
         if out_size is not None:
             maps = algebra.resize(maps, out_size, interpolation, align_corners)  # type: ignore[arg-type]
+        check_finite(raw, "the weighted sums of the activation maps")
         if normalize:
             maps = algebra.normalize(maps, raw.ndim - 2, eps)
-        return CAMResult(
+        result = CAMResult(
             maps=maps,
             raw=raw,
             weights=weights,
@@ -162,7 +179,11 @@ class CAM:
             gradients=layer_gradients.gradients,
             layer=self.layer,
             backend=self.backend,
+            outputs=layer_gradients.outputs,
         )
+        if warn and relu:
+            warn_if_blank(result)
+        return result
 
     def _output_size(
         self, size: str | int | Sequence[int] | None, layer_gradients: LayerGradients
@@ -189,6 +210,21 @@ class CAM:
                 f"{spatial}; pass {len(spatial)} positive ints."
             )
         return tuple(int(s) for s in shape)
+
+
+def _check_options(**options: Any) -> None:
+    """Raise :class:`OptionError` for a flag that is not a bool or an eps that is not >= 0."""
+    for name, value in options.items():
+        if name == "eps":
+            if (
+                isinstance(value, bool | np.bool_)
+                or not isinstance(value, int | float | np.integer | np.floating)
+                or not np.isfinite(value)
+                or value < 0
+            ):
+                raise OptionError(f"eps={value!r}: expected a finite number >= 0 (default 1e-8).")
+        elif not isinstance(value, bool | np.bool_):
+            raise OptionError(f"{name}={value!r}: expected True or False.")
 
 
 class GradCAM(CAM):

@@ -74,6 +74,8 @@ class Targets:
         if isinstance(targets, bool | np.bool_):
             raise TargetError(f"targets={targets!r} is a bool; pass a class index (int).")
         if isinstance(targets, numbers.Integral):
+            if not -(2**63) <= int(targets) < 2**63:
+                raise TargetError(f"target class {int(targets)} is out of range.")
             classes = np.full((batch_size, 1), int(targets), dtype=np.int64)
             return cls("classes", batch_size, classes=_check_non_negative(classes))
         try:

@@ -82,11 +82,7 @@ def native_input(framework: str, inputs: np.ndarray) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def _explainer(framework: str, arch: str, seed: int, layer: str) -> mc.GradCAM:
-    model = zoo.build(arch, framework, zoo.init_weights(arch, seed))
-    options: dict[str, Any] = {}
-    if framework == "flax":
-        model, options["variables"] = model
-    return mc.GradCAM(model, zoo.layer_name(layer, framework), **options)
+    return zoo.explainer(arch, framework, layer, zoo.init_weights(arch, seed))
 
 
 def explain(

@@ -27,10 +27,19 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..errors import InputError, LayerError, NonFiniteError, TargetError
+from ..errors import InputError, LayerError, MulticamError, NonFiniteError, TargetError
 from ..targets import Targets
 
-__all__ = ["Backend", "BoundModel", "LayerGradients", "Layout", "make_layer_gradients"]
+__all__ = [
+    "Backend",
+    "BoundModel",
+    "LayerGradients",
+    "Layout",
+    "check_finite",
+    "forward_error",
+    "make_layer_gradients",
+    "raised_inside",
+]
 
 Layout = Literal["channels_first", "channels_last"]
 
@@ -46,6 +55,8 @@ class LayerGradients:
         targets: ``(N, T)`` int64 class ids, or ``None`` for a callable target.
         input_spatial_shape: the input's spatial dims ``S_in`` (for ``size="input"``), or
             ``None`` when the input has no spatial layout the layer's can be matched to.
+        outputs: the model's outputs, e.g. ``(N, C)`` logits or probabilities, when the
+            backend provides them (diagnostics use them to spot softmax heads).
     """
 
     activations: np.ndarray
@@ -53,6 +64,7 @@ class LayerGradients:
     scores: np.ndarray
     targets: np.ndarray | None
     input_spatial_shape: tuple[int, ...] | None
+    outputs: np.ndarray | None = None
 
 
 class BoundModel(abc.ABC):
@@ -129,6 +141,7 @@ def make_layer_gradients(
     layout: Layout,
     input_shape: Sequence[int],
     layer_name: str,
+    outputs: Any = None,
 ) -> LayerGradients:
     """Validate a backend's raw arrays and put them in the canonical layout.
 
@@ -140,6 +153,7 @@ def make_layer_gradients(
         layout: where the channel axis is in ``activations``, ``gradients`` and the input.
         input_shape: the full shape of the input batch.
         layer_name: for messages.
+        outputs: the model's outputs, NumPy-convertible, or ``None``.
 
     Raises:
         LayerError: the layer's output has no spatial dims.
@@ -174,7 +188,70 @@ def make_layer_gradients(
     else:
         spatial = None
     return LayerGradients(
-        activations, gradients, scores, targets, None if spatial is None else tuple(spatial)
+        activations,
+        gradients,
+        scores,
+        targets,
+        None if spatial is None else tuple(spatial),
+        None if outputs is None else np.asarray(outputs, dtype=np.float32),
+    )
+
+
+def raised_inside(exc: BaseException, packages: Sequence[str]) -> bool:
+    """Whether the innermost Python frame of ``exc``'s traceback is in one of ``packages``.
+
+    Tells a framework rejecting what it was given (a shape or dtype check inside
+    ``torch.nn.functional``, ``flax``, ``keras``) from an exception the user's own code
+    raised (its innermost frame is the user's).
+    """
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last, tb = tb, tb.tb_next
+    if last is None:
+        return False
+    module = str(last.tb_frame.f_globals.get("__name__", ""))
+    return module.split(".", 1)[0] in packages
+
+
+def forward_error(
+    exc: Exception,
+    *,
+    packages: Sequence[str],
+    framework: str,
+    input_shape: Sequence[int],
+    input_dtype: Any,
+    expected: str,
+    hint: str = "",
+) -> InputError | None:
+    """The :class:`InputError` for a model's forward that failed inside its framework.
+
+    Returns ``None`` when the exception was raised by the user's own code (or is already a
+    multicam error): the caller then re-raises the original, with a note, unchanged in type.
+    Otherwise the caller raises the returned error ``from exc``, so the framework's own
+    exception stays reachable as ``__cause__``.
+
+    Args:
+        exc: what the forward raised.
+        packages: the framework's top-level packages, e.g. ``("torch",)``.
+        framework: its name for the message.
+        input_shape: the shape of the input as given to the model.
+        input_dtype: its dtype.
+        expected: what the framework's models take, e.g. ``"channels-first input (N, C,
+            *spatial)"``.
+        hint: a more specific diagnosis, when the backend has one.
+    """
+    if isinstance(exc, MulticamError) or not raised_inside(exc, packages):
+        return None
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(first_line) > 300:
+        first_line = first_line[:297] + "..."
+    shape = tuple(int(d) for d in input_shape)
+    return InputError(
+        f"the model's forward failed inside {framework} on an input of shape {shape} and "
+        f"dtype {input_dtype}: {type(exc).__name__}: {first_line.rstrip('.')}. "
+        f"{framework} models take {expected}.{' ' + hint if hint else ''} If the input is "
+        "right, the model itself fails on it: see the exception this one was raised from."
     )
 
 
@@ -183,13 +260,18 @@ def check_finite_input(inputs: np.ndarray) -> None:
     _check_finite(inputs, "the input")
 
 
+def check_finite(array: np.ndarray, what: str) -> None:
+    """Raise :class:`NonFiniteError` naming ``what`` if ``array`` holds NaN or Inf."""
+    _check_finite(array, what)
+
+
 def _check_finite(array: np.ndarray, what: str) -> None:
     if array.dtype.kind not in "fc" or np.isfinite(array).all():
         return
     bad = ~np.isfinite(array)
     samples = sorted({int(i) for i in np.nonzero(bad.reshape(bad.shape[0], -1).any(1))[0]})
     raise NonFiniteError(
-        f"{what} contain {int(np.isnan(array).sum())} NaN and "
+        f"NaN/Inf in {what}: {int(np.isnan(array).sum())} NaN and "
         f"{int(np.isinf(array).sum())} Inf values (samples {samples[:10]}). "
         "Check the input for NaN/Inf; if the input is finite, the model overflows: "
         "compute in float32, or lower the logits' scale."

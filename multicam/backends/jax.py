@@ -25,6 +25,12 @@ inside it.
 Constraints: the global JAX configuration is never changed (no ``jax_enable_x64``); the
 user's variables and nnx module are never mutated (nnx runs on a merged copy of its split
 state); results are float32 whatever the model computes in; inputs are channels-last.
+
+Threads: the computation is a pure function of the model's state and the input, so
+several threads may explain one model at once. Errors: a forward that fails inside
+JAX/Flax (e.g. parameters whose shapes do not fit the input) raises
+:class:`~multicam.errors.InputError` ``from`` the framework's exception; an exception raised
+by the user's own code propagates unchanged, with a note.
 """
 
 from __future__ import annotations
@@ -48,7 +54,14 @@ from ..errors import (
     nearest_names,
 )
 from ..targets import Targets
-from .base import Backend, BoundModel, LayerGradients, check_finite_input, make_layer_gradients
+from .base import (
+    Backend,
+    BoundModel,
+    LayerGradients,
+    check_finite_input,
+    forward_error,
+    make_layer_gradients,
+)
 
 __all__ = [
     "FunctionPairBoundModel",
@@ -220,6 +233,17 @@ class JaxBoundModel(BoundModel):
         except MulticamError:
             raise
         except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("jax", "jaxlib", "flax"),
+                framework="JAX/Flax",
+                input_shape=tuple(x.shape),
+                input_dtype=x.dtype,
+                expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
+                hint=_layout_hint(tuple(x.shape)),
+            )
+            if error is not None:
+                raise error from exc
             exc.add_note(
                 f"multicam: raised by the model's forward on an input of shape "
                 f"{tuple(x.shape)}; JAX/Flax models take channels-last input "
@@ -238,6 +262,7 @@ class JaxBoundModel(BoundModel):
             layout=self.layout,
             input_shape=tuple(x.shape),
             layer_name=self.layer_name,
+            outputs=outputs,
         )
 
     def _compute(
@@ -311,6 +336,15 @@ class JaxBoundModel(BoundModel):
             out,
             None if mode == "classes" else classes,
         )
+
+
+def _layout_hint(shape: tuple[int, ...]) -> str:
+    """A guess at a channels-first batch, from its shape alone."""
+    if len(shape) >= 4 and shape[1] <= 4 < min(shape[2:]) and shape[-1] > 4:
+        return (
+            "It looks like a channels-first (NCHW) batch: transpose it with np.moveaxis(x, 1, -1)."
+        )
+    return ""
 
 
 def _check_hits(layer_name: str, hits: int, candidates: Callable[[], list[str]]) -> None:

@@ -19,11 +19,24 @@ vectorised batch Jacobian, falling back to T backward passes over the same tape)
 chosen layer must be called exactly once per forward; single-output models only;
 ``tensorflow`` and ``keras`` are imported only when a model is bound, never to answer
 :meth:`TensorFlowBackend.accepts`.
+
+Threads: the shadowing wrapper is installed once per layer for as long as any thread is
+explaining it (reference-counted under a lock) and records only for the threads that are
+explaining (a thread-local slot; TensorFlow's tapes are thread-local too); any other call
+of the layer goes straight to the original ``call``. So several threads may explain one
+model at once and get the same maps as one after another.
+
+Errors: inputs whose shape does not fit the model's declared input, and non-numeric
+inputs, raise :class:`~multicam.errors.InputError` before the model runs; a forward that
+fails inside Keras or TensorFlow raises :class:`~multicam.errors.InputError` ``from`` the
+framework's exception; an exception the user's own code raises propagates unchanged, with
+a note.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -44,6 +57,7 @@ from .base import (
     LayerGradients,
     Layout,
     check_finite_input,
+    forward_error,
     make_layer_gradients,
 )
 
@@ -158,6 +172,25 @@ class TensorFlowBoundModel(BoundModel):
             try:
                 outputs = self.model(x, training=False)
             except Exception as exc:
+                error = forward_error(
+                    exc,
+                    packages=("keras", "tensorflow", "tf_keras"),
+                    framework="Keras/TensorFlow",
+                    input_shape=input_shape,
+                    input_dtype=first.dtype.name,
+                    expected=(
+                        "input in the layout of their layers' data_format, here "
+                        f"{self.layout} ("
+                        + (
+                            "N, C, *spatial"
+                            if self.layout == "channels_first"
+                            else "N, *spatial, C"
+                        )
+                        + ")"
+                    ),
+                )
+                if error is not None:
+                    raise error from exc
                 exc.add_note(
                     f"(raised by the model's own forward pass while multicam recorded layer "
                     f"{self.layer_name!r}; the model has been restored unchanged)"
@@ -196,22 +229,27 @@ class TensorFlowBoundModel(BoundModel):
             layout=self.layout,
             input_shape=input_shape,
             layer_name=self.layer_name,
+            outputs=tf.cast(outputs, tf.float32).numpy(),
         )
 
     def _prepare_inputs(self, inputs: Any) -> Any:
         """Check the input's finiteness and shape; return it as tensor(s)."""
         import tensorflow as tf
 
+        declared = _declared_input(self.model)
+        if isinstance(inputs, list | tuple) and len(inputs) == 1:
+            inputs = inputs[0]  # Keras' spelling of a single input
+        elif isinstance(inputs, list | tuple) and declared is not None:
+            inputs = _as_array(inputs)  # nested lists of numbers for a single-input model
         if isinstance(inputs, list | tuple | dict):  # a multi-input model
-            leaves = [np.asarray(leaf) for leaf in tf.nest.flatten(inputs)]
+            leaves = [_as_array(leaf) for leaf in tf.nest.flatten(inputs)]
             for leaf in leaves:
                 check_finite_input(leaf)
             return tf.nest.map_structure(tf.convert_to_tensor, inputs)
-        array = inputs.numpy() if isinstance(inputs, tf.Tensor) else np.asarray(inputs)
+        array = inputs.numpy() if isinstance(inputs, tf.Tensor) else _as_array(inputs)
         if array.ndim == 0:
             self.batch_size(array)  # raises the scalar InputError
         check_finite_input(array)
-        declared = _declared_input(self.model)
         if declared is not None:
             shape, dtype = declared
             self._check_shape(tuple(array.shape), shape)
@@ -326,6 +364,22 @@ class TensorFlowBoundModel(BoundModel):
         )
 
 
+def _as_array(inputs: Any) -> np.ndarray:
+    """``inputs`` as a NumPy array of numbers, or an :class:`InputError`."""
+    try:
+        array = np.asarray(inputs)
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            "the input could not be read as an array (ragged nested lists?); pass a NumPy "
+            "array or a tensor of shape (N, ...)."
+        ) from exc
+    if array.dtype.kind not in "biuf" and array.dtype.name != "bfloat16":
+        raise InputError(
+            f"the input has dtype {array.dtype}; pass real numbers (float32 for most models)."
+        )
+    return array
+
+
 class _Record:
     """What the wrapped ``call`` saw during one forward."""
 
@@ -335,12 +389,32 @@ class _Record:
         self.output: Any = None
 
 
-def _install(layer: Any, record: _Record, tape: Any) -> Any:
-    """Shadow ``layer``'s call methods with recording wrappers; return the undo function."""
-    saved: list[tuple[str, Any]] = []
+_TAPS_LOCK = threading.Lock()
+#: id(layer) -> its tap, while at least one thread explains the layer.
+_TAPS: dict[int, _LayerTap] = {}
 
-    def wrap(method: Any) -> Any:
+
+class _LayerTap:
+    """The recording wrappers shadowing one layer's call methods, shared by all threads.
+
+    Installed by the first thread that explains the layer and removed by the last one
+    (``users`` counts them, under ``_TAPS_LOCK``); each thread records only its own calls.
+    """
+
+    def __init__(self, layer: Any) -> None:
+        self.layer = layer
+        self.users = 0
+        self.local = threading.local()
+        self.saved: list[tuple[str, Any]] = []
+
+    def wrap(self, method: Any) -> Any:
+        local = self.local
+
         def recording_call(*args: Any, **kwargs: Any) -> Any:
+            active = getattr(local, "active", None)
+            if active is None:  # a call from a thread that is not explaining this layer
+                return method(*args, **kwargs)
+            record, tape = active
             record.depth += 1
             try:
                 output = method(*args, **kwargs)
@@ -356,17 +430,41 @@ def _install(layer: Any, record: _Record, tape: Any) -> Any:
 
         return recording_call
 
-    try:
-        for attribute in _CALL_ATTRIBUTES:
-            method = getattr(layer, attribute, None)
-            if method is None:
-                continue
-            saved.append((attribute, layer.__dict__.get(attribute, _MISSING)))
-            object.__setattr__(layer, attribute, wrap(method))
-    except BaseException:
-        _restore(layer, saved)
-        raise
-    return lambda: _restore(layer, saved)
+    def shadow(self) -> None:
+        try:
+            for attribute in _CALL_ATTRIBUTES:
+                method = getattr(self.layer, attribute, None)
+                if method is None:
+                    continue
+                self.saved.append((attribute, self.layer.__dict__.get(attribute, _MISSING)))
+                object.__setattr__(self.layer, attribute, self.wrap(method))
+        except BaseException:
+            _restore(self.layer, self.saved)
+            raise
+
+
+def _install(layer: Any, record: _Record, tape: Any) -> Any:
+    """Record ``layer``'s output in this thread onto ``tape``; return the undo function."""
+    with _TAPS_LOCK:
+        tap = _TAPS.get(id(layer))
+        if tap is None or tap.layer is not layer:
+            tap = _LayerTap(layer)
+            tap.shadow()
+            _TAPS[id(layer)] = tap
+        tap.users += 1
+    previous = getattr(tap.local, "active", None)
+    tap.local.active = (record, tape)
+
+    def undo() -> None:
+        tap.local.active = previous
+        with _TAPS_LOCK:
+            tap.users -= 1
+            if tap.users == 0:
+                _restore(layer, tap.saved)
+                if _TAPS.get(id(layer)) is tap:
+                    del _TAPS[id(layer)]
+
+    return undo
 
 
 def _restore(layer: Any, saved: list[tuple[str, Any]]) -> None:

@@ -7,19 +7,43 @@ parameter receives a ``.grad``. All T targets share one forward pass and one bat
 vector-Jacobian product (``is_grads_batched``). The model runs in whatever train/eval mode
 the user left it in; its mode, hooks, ``requires_grad`` flags and ``.grad`` fields are as
 they were afterwards, also when its forward raises.
+
+Threads: the hook acts only for the thread that registered it (other threads' forwards of
+the same model pass through it untouched), and grad mode is thread-local in torch, so
+several threads may explain one model at once and get the same maps as one after another.
+
+Errors: when the forward fails inside torch itself (a shape or dtype check in a
+``torch.nn`` layer), multicam raises :class:`~multicam.errors.InputError` ``from`` it, with
+what it can tell about the input (rank, channels, layout, dtype); an exception the user's
+own code raises propagates unchanged, with a note.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import BackendError, InputError, LayerError, TargetError, nearest_names
+from ..errors import (
+    BackendError,
+    InputError,
+    LayerError,
+    TargetError,
+    UnsupportedModelError,
+    nearest_names,
+)
 from ..targets import Targets
-from .base import Backend, BoundModel, LayerGradients, check_finite_input, make_layer_gradients
+from .base import (
+    Backend,
+    BoundModel,
+    LayerGradients,
+    check_finite_input,
+    forward_error,
+    make_layer_gradients,
+)
 
 __all__ = ["TorchBackend", "TorchBoundModel"]
 
@@ -43,6 +67,12 @@ class TorchBackend(Backend):
         if not isinstance(model, torch.nn.Module):
             raise BackendError(
                 f"the torch backend explains torch.nn.Module models, got {type(model)!r}."
+            )
+        if isinstance(model, torch.jit.ScriptModule):
+            raise UnsupportedModelError(
+                "TorchScript modules do not support forward hooks, so no layer's "
+                "activations can be read; explain the Python model instead (save it with "
+                "torch.save(model) and load it with torch.load(path, weights_only=False))."
             )
         return TorchBoundModel(model, layer)
 
@@ -101,11 +131,46 @@ class TorchBoundModel(BoundModel):
             check_finite_input(tensor.detach().float().cpu().numpy())
         return tensor
 
+    def _input_hint(self, x: torch.Tensor) -> str:
+        """What multicam can tell about an input the model rejected."""
+        reference = next(self.model.parameters(), None)
+        if reference is not None and reference.is_floating_point() and not x.is_floating_point():
+            return (
+                f"The input has dtype {x.dtype} but the model computes in {reference.dtype}: "
+                "pass floating-point input, e.g. x.astype(np.float32)."
+            )
+        conv = next(
+            (m for m in self.model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
+            None,
+        )
+        if conv is None:
+            return ""
+        rank = len(conv.kernel_size) + 2
+        want = f"(N, {conv.in_channels}, " + ", ".join("*" * (rank - 2)) + ")"
+        if x.ndim != rank:
+            extra = " (a single sample? pass x[None])" if x.ndim == rank - 1 else ""
+            return f"Its first convolution expects a batch of rank {rank}, {want}{extra}."
+        if x.shape[1] != conv.in_channels:
+            if x.shape[-1] == conv.in_channels:
+                return (
+                    f"It looks like a channels-last batch given to a channels-first model "
+                    f"expecting {want}: transpose it with np.moveaxis(x, -1, 1)."
+                )
+            return (
+                f"It has {x.shape[1]} channels but its first convolution expects "
+                f"{conv.in_channels}, {want}."
+            )
+        return "Check the input's spatial size: the model may need a fixed one."
+
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         x = self._as_tensor(inputs)
         captured: list[torch.Tensor] = []
 
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> torch.Tensor:
+        owner = threading.get_ident()
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None  # another thread's forward of the same model: leave it alone
             if not isinstance(output, torch.Tensor):
                 raise LayerError(
                     f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor;"
@@ -122,6 +187,17 @@ class TorchBoundModel(BoundModel):
             with torch.inference_mode(False), torch.no_grad():
                 outputs = self.model(x)
         except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("torch",),
+                framework="torch",
+                input_shape=tuple(x.shape),
+                input_dtype=x.dtype,
+                expected="channels-first input (N, C, *spatial)",
+                hint=self._input_hint(x),
+            )
+            if error is not None:
+                raise error from exc
             exc.add_note(
                 f"multicam: raised by the model's forward on an input of shape "
                 f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
@@ -129,6 +205,12 @@ class TorchBoundModel(BoundModel):
             raise
         finally:
             handle.remove()
+        if not captured and isinstance(self.model, torch.fx.GraphModule):
+            raise LayerError(
+                f"layer {self.layer_name!r} never ran as a module: in a traced graph (e.g. "
+                "from torch.export) layers are inlined into functions, so multicam cannot "
+                "observe them; explain the original Python model instead."
+            )
         if len(captured) != 1:
             raise LayerError(
                 f"layer {self.layer_name!r} ran {len(captured)} times in one forward pass; "
@@ -157,6 +239,7 @@ class TorchBoundModel(BoundModel):
             layout=self.layout,
             input_shape=tuple(x.shape),
             layer_name=self.layer_name,
+            outputs=outputs.detach().float().cpu().numpy(),
         )
 
 

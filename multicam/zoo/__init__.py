@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,9 @@ import numpy as np
 
 __all__ = [
     "ARCHITECTURES",
+    "BENCHMARK_ARCHITECTURES",
+    "explainer",
+    "installed_frameworks",
     "FRAMEWORKS",
     "Architecture",
     "BatchNorm",
@@ -260,6 +264,68 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+def _resnet50() -> Architecture:
+    """ResNet-50's shape: bottleneck blocks [3, 4, 6, 3], 224x224x3 input, 1000 classes.
+
+    The zoo has no max pooling, so the stem's 3x3 stride-2 max pool is a 3x3 stride-2
+    convolution (+ BatchNorm, ReLU): 25.6 M parameters, 4.2 GMACs per image (torchvision's
+    ResNet-50: 25.6 M, 4.1 GMACs). Random weights: for speed, not for pictures.
+    """
+
+    def bottleneck(name: str, cin: int, width: int, stride: int) -> Residual:
+        cout = 4 * width
+        body = (
+            Conv("conv1", cin, width, kernel=1),
+            BatchNorm("bn1", width),
+            ReLU("relu1"),
+            Conv("conv2", width, width, kernel=3, stride=stride, padding=1),
+            BatchNorm("bn2", width),
+            ReLU("relu2"),
+            Conv("conv3", width, cout, kernel=1),
+            BatchNorm("bn3", cout),
+        )
+        shortcut: tuple[Layer, ...] = ()
+        if stride != 1 or cin != cout:
+            shortcut = (
+                Conv("down_conv", cin, cout, kernel=1, stride=stride),
+                BatchNorm("down_bn", cout),
+            )
+        return Residual(name, body, shortcut)
+
+    stages: list[Layer] = []
+    cin = 64
+    for index, (blocks, width, stride) in enumerate(
+        [(3, 64, 1), (4, 128, 2), (6, 256, 2), (3, 512, 2)], start=1
+    ):
+        layers = []
+        for b in range(blocks):
+            layers.append(bottleneck(f"block{b + 1}", cin, width, stride if b == 0 else 1))
+            cin = 4 * width
+        stages.append(Stage(f"layer{index}", tuple(layers)))
+    stem = (
+        Conv("conv1", 3, 64, kernel=7, stride=2, padding=3),
+        BatchNorm("bn1", 64),
+        ReLU("relu1"),
+        Conv("pool", 64, 64, kernel=3, stride=2, padding=1),
+        BatchNorm("pool_bn", 64),
+        ReLU("pool_relu"),
+    )
+    return Architecture(
+        "resnet50",
+        (224, 224, 3),
+        1000,
+        (Stage("stem", stem), *stages, GlobalAvgPool("avgpool"), Dense("fc", 2048, 1000)),
+        ("layer3", "layer4"),
+        "ResNet-50 size: bottleneck blocks [3, 4, 6, 3], 224x224, 1000 classes (benchmarks)",
+    )
+
+
+BENCHMARK_ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (_resnet50(),)}
+"""Large networks for :mod:`multicam.bench`; kept out of :data:`ARCHITECTURES`, which the
+agreement tests iterate. :func:`build`, :func:`init_weights` and :func:`example_input`
+accept their names too."""
+
+
 def iter_layers(layers: tuple[Layer, ...], prefix: str = "") -> Iterator[tuple[str, Layer]]:
     """Yield ``(dotted_name, layer)`` for every layer, containers before their children."""
     for layer in layers:
@@ -275,10 +341,11 @@ def iter_layers(layers: tuple[Layer, ...], prefix: str = "") -> Iterator[tuple[s
 def _architecture(arch: str | Architecture) -> Architecture:
     if isinstance(arch, Architecture):
         return arch
-    try:
-        return ARCHITECTURES[arch]
-    except KeyError:
-        raise KeyError(f"unknown architecture {arch!r}; known: {sorted(ARCHITECTURES)}") from None
+    found = ARCHITECTURES.get(arch) or BENCHMARK_ARCHITECTURES.get(arch)
+    if found is None:
+        known = sorted([*ARCHITECTURES, *BENCHMARK_ARCHITECTURES])
+        raise KeyError(f"unknown architecture {arch!r}; known: {known}")
+    return found
 
 
 def init_weights(arch: str | Architecture, seed: int = 0) -> dict[str, np.ndarray]:
@@ -347,6 +414,56 @@ def build(
         if module_name == "flax"
         else builder.build(architecture, weights)
     )
+
+
+_NEEDS = {
+    "torch": ("torch",),
+    "keras": ("tensorflow", "keras"),
+    "flax": ("flax",),
+    "nnx": ("flax",),
+}
+
+
+def installed_frameworks() -> list[str]:
+    """The :data:`FRAMEWORKS` whose packages are installed, found without importing them."""
+    return [
+        name
+        for name, modules in _NEEDS.items()
+        if all(importlib.util.find_spec(module) is not None for module in modules)
+    ]
+
+
+def explainer(
+    arch: str | Architecture,
+    framework: str,
+    layer: str,
+    weights: dict[str, np.ndarray] | None = None,
+    method: type | None = None,
+) -> Any:
+    """``arch`` built in ``framework`` and bound to the canonical ``layer``.
+
+    Args:
+        arch: an architecture or its name.
+        framework: one of :data:`FRAMEWORKS`.
+        layer: a canonical dotted layer name, e.g. ``"features.relu4"``.
+        weights: as for :func:`build`.
+        method: the explainer class, default :class:`multicam.GradCAM`.
+
+    Returns:
+        The explainer, e.g. a ``GradCAM``; call it with a batch in ``framework``'s layout.
+    """
+    from ..cam import GradCAM
+
+    model = build(arch, framework, weights)
+    options: dict[str, Any] = {}
+    if framework == "flax":
+        model, options["variables"] = model
+    return (method or GradCAM)(model, layer_name(layer, framework), **options)
+
+
+def native_layout(framework: str) -> str:
+    """The input layout of ``framework``'s zoo models: channels-first for torch only."""
+    return "channels_first" if framework == "torch" else "channels_last"
 
 
 def example_input(
