@@ -60,3 +60,41 @@ def backend(session: nox.Session, backend: str) -> None:
     """One backend alone, the other frameworks absent: proves each works on its own."""
     _install(session, [backend])
     session.run("pytest", *session.posargs, env={"MULTICAM_REQUIRE_BACKENDS": backend})
+
+
+@nox.session(python="3.11")
+def bench(session: nox.Session) -> None:
+    """The benchmark suite, all three frameworks and Captum: ``multicam bench``.
+
+    Writes ``benchmarks/results/`` (JSON, Markdown table, plot). Extra arguments pass
+    through to ``python -m benchmarks.run``, e.g. ``nox -s bench -- --quick``.
+    """
+    _install(session, list(FRAMEWORKS), extras="test,peers")
+    session.install("matplotlib")
+    session.run("python", "-m", "benchmarks.run", *session.posargs)
+
+
+@nox.session(name="peers-bench", python="3.11")
+def peers_bench(session: nox.Session) -> None:
+    """Time multicam beside the peers that need torchvision (pytorch-grad-cam, torchcam).
+
+    Its own environment, pinned by ``benchmarks/constraints-peers.txt`` (torch 2.14.1 with
+    its matching torchvision 0.29.1, tf-keras-vis), so the default environment keeps the
+    CPU torch of ``constraints-cpu.txt``.
+    """
+    session.install(
+        "-c",
+        "benchmarks/constraints-peers.txt",
+        "torch",
+        "torchvision",
+        "tensorflow-cpu",
+        "keras",
+        "captum",
+        "grad-cam",
+        "torchcam",
+        "tf-keras-vis",
+        "matplotlib",
+        "-e",
+        ".",
+    )
+    session.run("python", "-m", "benchmarks.run", "--peers", *session.posargs)
