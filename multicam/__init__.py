@@ -12,7 +12,17 @@ Example:
 from __future__ import annotations
 
 from . import algebra, errors, zoo
-from .cam import CAM, CAMResult, GradCAM
+from .cam import (
+    CAM,
+    CAMResult,
+    EigenCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from .errors import (
     BackendError,
     BackendNotInstalledError,
@@ -33,7 +43,13 @@ __all__ = [
     "BackendError",
     "BackendNotInstalledError",
     "CAMResult",
+    "EigenCAM",
     "GradCAM",
+    "GradCAMElementWise",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "XGradCAM",
     "InputError",
     "LayerError",
     "MulticamError",

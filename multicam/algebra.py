@@ -183,3 +183,119 @@ def normalize(maps: np.ndarray, spatial_dims: int, eps: float = 1e-8) -> np.ndar
     out = (maps - low) / np.where(flat, 1.0, span)
     out = np.where(flat, 0.0, out)
     return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+# --- The gradient-weighted relatives of Grad-CAM -------------------------------------------
+# Each takes activations (N, K, *S) and gradients (N, T, K, *S) and returns (N, T, K)
+# channel weights or an (N, T, *S) signed map; none loops over samples or targets.
+
+
+def _spatial_sum(array: np.ndarray, start: int) -> np.ndarray:
+    """Sum over the axes from ``start`` on (the spatial ones), in float64."""
+    return array.reshape(*array.shape[:start], -1).sum(axis=-1, dtype=np.float64)
+
+
+def xgradcam_weights(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """XGrad-CAM (Fu et al., 2020): gradients averaged with the activations as weights.
+
+    ``w_k = sum_ij (A_k^ij / sum_ab A_k^ab) dS/dA_k^ij``; a channel whose activations sum
+    to zero gets weight 0.
+
+    Returns:
+        ``(N, T, K)`` float32.
+    """
+    totals = _spatial_sum(activations, 2)  # (N, K)
+    weighted = _spatial_sum(gradients * activations[:, None], 3)  # (N, T, K)
+    safe = np.where(totals == 0, 1.0, totals)[:, None, :]
+    return np.where(totals[:, None, :] == 0, 0.0, weighted / safe).astype(np.float32)
+
+
+def gradcam_plus_plus_weights(activations: np.ndarray, gradients: np.ndarray) -> np.ndarray:
+    """Grad-CAM++ (Chattopadhay et al., 2018), exponential-output form.
+
+    The paper's weights are ``w_k = sum_ij alpha_k^ij relu(dY/dA_k^ij)`` with
+    ``alpha = d2Y / (2 d2Y + sum_ab A_k^ab d3Y)`` for the network output ``Y``. With
+    ``Y = exp(S)`` (the paper's choice, eq. 17-19) the higher derivatives are powers of the
+    first, ``exp(S)`` cancels, and ``alpha = g^2 / (2 g^2 + sum_ab A_k^ab g^3)`` with
+    ``g = dS/dA``; positions where the denominator is 0 get ``alpha = 0``. Like every public
+    implementation, the weights use ``relu(g)`` for ``relu(dY/dA) = exp(S) relu(g)``: the
+    dropped factor ``exp(S) > 0`` scales each target's map without changing its shape.
+    :func:`gradcam_plus_plus_general_weights` takes the derivatives of any ``Y``.
+
+    Returns:
+        ``(N, T, K)`` float32.
+    """
+    g = gradients.astype(np.float64)
+    return gradcam_plus_plus_general_weights(activations, g, g**2, g**3)
+
+
+def gradcam_plus_plus_general_weights(
+    activations: np.ndarray,
+    first: np.ndarray,
+    second: np.ndarray,
+    third: np.ndarray,
+) -> np.ndarray:
+    """Grad-CAM++ with the paper's general weights, from explicit derivatives of ``Y``.
+
+    ``alpha_k^ij = second / (2 second + (sum_ab A_k^ab) third)`` (0 where the denominator
+    is 0), ``w_k = sum_ij alpha_k^ij relu(first)``, where ``first``, ``second`` and
+    ``third`` are ``dY/dA``, ``d2Y/dA2`` and ``d3Y/dA3`` element-wise (the paper's
+    eq. 10), all ``(N, T, K, *S)``.
+
+    Returns:
+        ``(N, T, K)`` float32.
+    """
+    totals = _spatial_sum(activations, 2)[:, None, :]  # (N, 1, K)
+    totals = totals.reshape(*totals.shape, *([1] * (first.ndim - 3)))
+    denominator = 2 * second + totals * third
+    alpha = np.divide(
+        second,
+        denominator,
+        out=np.zeros(np.broadcast_shapes(second.shape, denominator.shape)),
+        where=denominator != 0,
+    )
+    return _spatial_sum(alpha * np.maximum(first, 0), 3).astype(np.float32)
+
+
+def elementwise_map(activations: np.ndarray, gradients: np.ndarray, rule: str) -> np.ndarray:
+    """Maps that weigh every position by its own gradient, not the channel mean.
+
+    Args:
+        activations: ``(N, K, *S)``.
+        gradients: ``(N, T, K, *S)``.
+        rule: ``"hirescam"`` (Draelos & Carin, 2020): ``sum_k g_k * A_k``;
+            ``"layercam"`` (Jiang et al., 2021): ``sum_k relu(g_k) * A_k``;
+            ``"gradcam_elementwise"``: ``sum_k relu(g_k * A_k)``.
+
+    Returns:
+        ``(N, T, *S)`` float32 signed map (``layercam`` and ``gradcam_elementwise`` are
+        non-negative whenever the activations are).
+    """
+    products = {
+        "hirescam": lambda: gradients * activations[:, None],
+        "layercam": lambda: np.maximum(gradients, 0) * activations[:, None],
+        "gradcam_elementwise": lambda: np.maximum(gradients * activations[:, None], 0),
+    }
+    if rule not in products:
+        raise ValueError(f"unknown rule {rule!r}; expected one of {sorted(products)}")
+    return products[rule]().sum(axis=2, dtype=np.float64).astype(np.float32)
+
+
+def principal_axis(activations: np.ndarray) -> np.ndarray:
+    """Eigen-CAM's weights (Muhammad & Yeasin, 2020): the first principal axis over channels.
+
+    Per sample, the ``(P, K)`` matrix of positions x channels is centred over positions and
+    decomposed by SVD; the weights are its first right singular vector, so the Eigen-CAM map
+    ``sum_k v_k A_k`` is the (uncentred) activations projected on that axis. The SVD's sign
+    is arbitrary; it is fixed so that the map sums to a non-negative value, which makes the
+    result the same in every framework and run.
+
+    Returns:
+        ``(N, K)`` float32 unit vectors.
+    """
+    flat = activations.reshape(*activations.shape[:2], -1).transpose(0, 2, 1)  # (N, P, K)
+    flat = flat.astype(np.float64)
+    _, _, vt = np.linalg.svd(flat - flat.mean(axis=1, keepdims=True), full_matrices=False)
+    axis = vt[:, 0, :]
+    total = np.einsum("npk,nk->n", flat, axis)
+    return (axis * np.where(total < 0, -1.0, 1.0)[:, None]).astype(np.float32)

@@ -7,7 +7,7 @@ says how channel weights come from the gradients (:meth:`CAM.channel_weights`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,17 @@ from .diagnose import Diagnosis, diagnose, warn_if_blank
 from .errors import InputError, OptionError
 from .targets import TargetLike, Targets
 
-__all__ = ["CAM", "CAMResult", "GradCAM"]
+__all__ = [
+    "CAM",
+    "CAMResult",
+    "EigenCAM",
+    "GradCAM",
+    "GradCAMElementWise",
+    "GradCAMPlusPlus",
+    "HiResCAM",
+    "LayerCAM",
+    "XGradCAM",
+]
 
 _INTERPOLATIONS = ("bilinear", "linear", "trilinear", "nearest")
 
@@ -111,6 +121,15 @@ class CAM:
         """``(N, T, K)`` channel weights from the layer's activations and gradients."""
         raise NotImplementedError
 
+    def combine(self, layer_gradients: LayerGradients) -> tuple[np.ndarray, np.ndarray]:
+        """The method's channel weights ``(N, T, K)`` and signed map ``(N, T, *S)``.
+
+        The default is the weighted sum of the activation maps by :meth:`channel_weights`;
+        methods that weigh every position on its own override this.
+        """
+        weights = self.channel_weights(layer_gradients)
+        return weights, algebra.weighted_sum(layer_gradients.activations, weights)
+
     def __call__(
         self,
         inputs: Any,
@@ -160,8 +179,7 @@ class CAM:
         if n == 0:
             raise InputError("the input batch is empty (N = 0); pass at least one sample.")
         layer_gradients = self.bound.gradients(inputs, Targets.parse(targets, n))
-        weights = self.channel_weights(layer_gradients)
-        raw = algebra.weighted_sum(layer_gradients.activations, weights)
+        weights, raw = self.combine(layer_gradients)
         maps = algebra.relu(raw) if relu else raw
         out_size = self._output_size(size, layer_gradients)
         if out_size is not None:
@@ -244,3 +262,116 @@ class GradCAM(CAM):
 
     def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
         return algebra.channel_weights(layer_gradients.gradients, "mean")
+
+
+class GradCAMPlusPlus(CAM):
+    """Grad-CAM++ (Chattopadhay et al., 2018): pixel-weighted positive gradients.
+
+    ``w_k = sum_ij alpha_k^ij relu(dY/dA_k^ij)``, ``alpha = Y'' / (2 Y'' + sum_ab A_k^ab Y''')``
+    for a smooth output ``Y = f(S)`` of the target score ``S``; a ReLU network is piecewise
+    linear in the activations, so ``Y^(m) = f^(m)(S) g^m`` with ``g = dS/dA``.
+
+    Args:
+        model, layer, backend, **options: as for :class:`GradCAM`.
+        output: ``"exp"`` (default): the paper's ``Y = exp(S)``, for which ``exp(S)``
+            cancels in ``alpha`` (``alpha = g^2 / (2 g^2 + sum A g^3)``, the formula every
+            public implementation uses), and the weights use ``relu(g)``; or a callable
+            ``f(scores) -> (f', f'', f''')``, each ``(N, T)``, for the paper's general
+            weights with another output function (then ``relu(f'(S) g)`` is used).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layer: Any = None,
+        *,
+        output: str | Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] = "exp",
+        backend: str | Backend | None = None,
+        **options: Any,
+    ) -> None:
+        if output != "exp" and not callable(output):
+            raise OptionError(
+                f"output={output!r}: expected 'exp' or a callable returning (f', f'', f''')."
+            )
+        self.output = output
+        super().__init__(model, layer, backend=backend, **options)
+
+    def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
+        activations, gradients = layer_gradients.activations, layer_gradients.gradients
+        if self.output == "exp":
+            return algebra.gradcam_plus_plus_weights(activations, gradients)
+        assert callable(self.output)
+        spatial = (1,) * (gradients.ndim - 3)
+        derivatives = [
+            np.asarray(d, np.float64).reshape(*gradients.shape[:2], 1, *spatial)
+            for d in self.output(layer_gradients.scores)
+        ]
+        g = gradients.astype(np.float64)
+        first, second, third = (d * g**power for power, d in enumerate(derivatives, 1))
+        return algebra.gradcam_plus_plus_general_weights(activations, first, second, third)
+
+
+class XGradCAM(CAM):
+    """XGrad-CAM (Fu et al., 2020): gradients averaged with the activations as weights.
+
+    ``w_k = sum_ij A_k^ij dS/dA_k^ij / sum_ab A_k^ab``; a channel summing to 0 weighs 0.
+    """
+
+    def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
+        return algebra.xgradcam_weights(layer_gradients.activations, layer_gradients.gradients)
+
+
+class _ElementWise(CAM):
+    """A method that weighs every position by its own gradient.
+
+    See :func:`multicam.algebra.elementwise_map`. ``res.weights`` reports the spatial mean
+    of the per-position weights, for reading only: the map is not their weighted sum.
+    """
+
+    rule: str
+    reported: Callable[[np.ndarray], np.ndarray] = staticmethod(lambda g: g)
+
+    def combine(self, layer_gradients: LayerGradients) -> tuple[np.ndarray, np.ndarray]:
+        gradients = layer_gradients.gradients
+        raw = algebra.elementwise_map(layer_gradients.activations, gradients, self.rule)
+        weights = algebra.channel_weights(type(self).reported(gradients))
+        return weights, raw
+
+
+class HiResCAM(_ElementWise):
+    """HiResCAM (Draelos & Carin, 2020): ``sum_k dS/dA_k * A_k`` position by position.
+
+    On a conv -> global-average-pool -> linear head it equals Grad-CAM exactly.
+    """
+
+    rule = "hirescam"
+
+
+class LayerCAM(_ElementWise):
+    """LayerCAM (Jiang et al., 2021): ``sum_k relu(dS/dA_k) * A_k`` position by position.
+
+    ``res.weights`` is the spatial mean of ``relu(dS/dA)``.
+    """
+
+    rule = "layercam"
+    reported = staticmethod(lambda g: np.maximum(g, 0))
+
+
+class GradCAMElementWise(_ElementWise):
+    """Grad-CAM element-wise (as in pytorch-grad-cam): ``sum_k relu(dS/dA_k * A_k)``."""
+
+    rule = "gradcam_elementwise"
+
+
+class EigenCAM(CAM):
+    """Eigen-CAM (Muhammad & Yeasin, 2020): activations on their first principal axis.
+
+    The axis (:func:`multicam.algebra.principal_axis`) gives the channel weights.
+    Independent of the target: every target gets the same map. Needs no gradients, though
+    the backend still computes them today.
+    """
+
+    def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
+        axis = algebra.principal_axis(layer_gradients.activations)
+        n, t = layer_gradients.scores.shape
+        return np.broadcast_to(axis[:, None], (n, t, axis.shape[1])).copy()
