@@ -27,7 +27,14 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from ..errors import InputError, LayerError, MulticamError, NonFiniteError, TargetError
+from ..errors import (
+    BackendError,
+    InputError,
+    LayerError,
+    MulticamError,
+    NonFiniteError,
+    TargetError,
+)
 from ..targets import Targets
 
 __all__ = [
@@ -90,6 +97,54 @@ class BoundModel(abc.ABC):
             The layer's activations, the gradients of every target score with respect to
             them, and the scores, as channels-first float32 NumPy arrays.
         """
+
+    # Optional capabilities. A backend that has one overrides it; the base says clearly
+    # which method needs what the backend lacks.
+
+    def outputs(self, inputs: Any) -> np.ndarray:
+        """The model's outputs for a batch, without gradients (Score-CAM's masked passes).
+
+        Args:
+            inputs: a batch in the backend's native layout, NumPy or a framework tensor.
+
+        Returns:
+            The outputs as float32 NumPy, e.g. ``(N, C)``.
+        """
+        raise self._lacks("a plain forward pass (outputs)", "ScoreCAM")
+
+    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+        """The model's outputs when the layer's output is replaced by ``activations``.
+
+        Everything below the layer still runs on ``inputs`` (skip connections from below
+        see the real input); only the layer's output is swapped (Ablation-CAM).
+
+        Args:
+            inputs: ``(M, ...)`` a batch in the backend's native layout.
+            activations: ``(M, K, *S)`` channels-first float32, the replacement.
+
+        Returns:
+            The outputs as float32 NumPy, e.g. ``(M, C)``.
+        """
+        raise self._lacks("a forward pass from the layer on (outputs_from_layer)", "AblationCAM")
+
+    def guided_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """Guided Backpropagation (Springenberg et al., 2015) at the input.
+
+        The gradient of each target score with respect to the input, where every ReLU's
+        backward pass lets through only positive gradients at positive inputs. The model is
+        unchanged afterwards.
+
+        Returns:
+            :class:`LayerGradients` whose ``activations`` are the input ``(N, C, *S)`` and
+            ``gradients`` the guided gradients ``(N, T, C, *S)``, channels-first.
+        """
+        raise self._lacks("guided backpropagation (guided_gradients)", "GuidedBackprop")
+
+    def _lacks(self, capability: str, method: str) -> BackendError:
+        return BackendError(
+            f"the {self.backend!r} backend cannot compute {capability}, which {method} "
+            "needs; use a gradient-based method such as GradCAM with this backend."
+        )
 
     def batch_size(self, inputs: Any) -> int:
         """The number of samples N in ``inputs`` (its leading dimension)."""
