@@ -16,11 +16,14 @@ from .cam import (
     CAM,
     CAMResult,
     EigenCAM,
+    FusedResult,
     GradCAM,
     GradCAMElementWise,
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
+    MultiLayerCAM,
+    TokenGrid,
     XGradCAM,
 )
 from .errors import (
@@ -34,29 +37,39 @@ from .errors import (
     TargetError,
     UnsupportedModelError,
 )
-from .targets import Targets
+from .guided import GuidedBackprop, GuidedGradCAM
+from .perturbation import AblationCAM, ScoreCAM
+from .targets import Region, Targets
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
+    "AblationCAM",
     "BackendError",
     "BackendNotInstalledError",
     "CAMResult",
     "EigenCAM",
+    "FusedResult",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "HiResCAM",
     "LayerCAM",
+    "MultiLayerCAM",
     "XGradCAM",
     "InputError",
     "LayerError",
     "MulticamError",
     "NonFiniteError",
     "OptionError",
+    "Region",
+    "ScoreCAM",
     "TargetError",
     "Targets",
+    "TokenGrid",
     "UnsupportedModelError",
     "__version__",
     "algebra",

@@ -54,7 +54,9 @@ def channel_weights(gradients: np.ndarray, pooling: Literal["mean"] = "mean") ->
     if pooling != "mean":
         raise ValueError(f"unknown pooling {pooling!r}; expected 'mean'")
     n, t, k = gradients.shape[:3]
-    return gradients.reshape(n, t, k, -1).mean(axis=3, dtype=np.float64).astype(np.float32)
+    # float32 is enough: NumPy sums a contiguous last axis pairwise (error ~ log2(P) ulp).
+    flat = gradients.reshape(n, t, k, -1).astype(np.float32, copy=False)
+    return flat.mean(axis=3, dtype=np.float32)
 
 
 def weighted_sum(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -157,8 +159,12 @@ def resize(
         if source == target:
             continue
         matrix = interpolation_matrix(source, target, method, align_corners).astype(np.float32)
-        # Move the axis last, multiply by M^T, move it back: (..., s) @ (s, t) -> (..., t).
-        out = np.moveaxis(np.moveaxis(out, axis, -1) @ matrix.T, -1, axis)
+        if axis == out.ndim - 1:  # (..., s) @ (s, t)
+            out = out @ matrix.T
+        elif axis == out.ndim - 2:  # (t, s) @ (..., s, w)
+            out = matrix @ out
+        else:  # move the axis last, multiply, move it back
+            out = np.moveaxis(np.moveaxis(out, axis, -1) @ matrix.T, -1, axis)
     return np.ascontiguousarray(out)
 
 
@@ -179,10 +185,12 @@ def normalize(maps: np.ndarray, spatial_dims: int, eps: float = 1e-8) -> np.ndar
     axes = tuple(range(maps.ndim - spatial_dims, maps.ndim))
     low = maps.min(axis=axes, keepdims=True)
     span = maps.max(axis=axes, keepdims=True) - low
-    flat = span <= eps
-    out = (maps - low) / np.where(flat, 1.0, span)
-    out = np.where(flat, 0.0, out)
-    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+    wide = span > eps
+    # Per-map scale on the small (..., 1, 1) array; flat maps get scale 0, hence zeros.
+    scale = np.where(wide, 1.0 / np.where(wide, span, 1.0), 0.0).astype(np.float32)
+    out = np.subtract(maps, low, dtype=np.float32)
+    out *= scale
+    return np.clip(out, 0.0, 1.0, out=out)
 
 
 # --- The gradient-weighted relatives of Grad-CAM -------------------------------------------
@@ -299,3 +307,30 @@ def principal_axis(activations: np.ndarray) -> np.ndarray:
     axis = vt[:, 0, :]
     total = np.einsum("npk,nk->n", flat, axis)
     return (axis * np.where(total < 0, -1.0, 1.0)[:, None]).astype(np.float32)
+
+
+def eigen_smooth(activations: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Eigen smoothing (as in pytorch-grad-cam): weighted maps along their first axis.
+
+    Instead of summing the weighted activation maps ``w_k A_k``, per sample and target
+    their ``(P, K)`` matrix is decomposed like :func:`principal_axis` and projected on its
+    first axis; the sign is chosen to agree with the plain weighted sum (their dot product
+    is non-negative).
+
+    Args:
+        activations: ``(N, K, *S)``.
+        weights: ``(N, T, K)``.
+
+    Returns:
+        ``(N, T, *S)`` float32.
+    """
+    n, k = activations.shape[:2]
+    t = weights.shape[1]
+    spatial = activations.shape[2:]
+    flat = activations.reshape(n, 1, k, -1).astype(np.float64) * weights[..., None]
+    flat = flat.reshape(n * t, k, -1).transpose(0, 2, 1)  # (N T, P, K)
+    _, _, vt = np.linalg.svd(flat - flat.mean(axis=1, keepdims=True), full_matrices=False)
+    projection = np.einsum("bpk,bk->bp", flat, vt[:, 0, :])
+    plain = flat.sum(axis=2)
+    sign = np.where((projection * plain).sum(axis=1, keepdims=True) < 0, -1.0, 1.0)
+    return (projection * sign).reshape(n, t, *spatial).astype(np.float32)

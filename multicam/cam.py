@@ -7,6 +7,7 @@ says how channel weights come from the gradients (:meth:`CAM.channel_weights`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,11 +25,14 @@ __all__ = [
     "CAM",
     "CAMResult",
     "EigenCAM",
+    "FusedResult",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
     "HiResCAM",
     "LayerCAM",
+    "MultiLayerCAM",
+    "TokenGrid",
     "XGradCAM",
 ]
 
@@ -77,6 +81,65 @@ class CAMResult:
         return diagnose(self)
 
 
+@dataclass(frozen=True)
+class TokenGrid:
+    """How a transformer layer's tokens ``(N, L, D)`` form a spatial grid.
+
+    Attributes:
+        shape: the grid of patch tokens, e.g. ``(14, 14)``.
+        prefix_tokens: tokens before the patches (1 for a class token, more for register
+            tokens), dropped; ``None`` infers 0 or 1 from ``L``.
+
+    Example:
+        >>> TokenGrid.of((14, 14)).shape
+        (14, 14)
+    """
+
+    shape: tuple[int, ...]
+    prefix_tokens: int | None = None
+
+    @classmethod
+    def of(cls, reshape: TokenGrid | Sequence[int]) -> TokenGrid:
+        """A :class:`TokenGrid` from itself or from a grid shape."""
+        if isinstance(reshape, TokenGrid):
+            return reshape
+        shape = tuple(reshape)
+        if not shape or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
+            raise OptionError(f"reshape={reshape!r}: expected a grid shape such as (14, 14).")
+        return cls(tuple(int(s) for s in shape))
+
+    def apply(self, layer_gradients: LayerGradients, layout: str) -> LayerGradients:
+        """Turn token activations and gradients into channels-first grids ``(N, D, *grid)``."""
+        activations, gradients = layer_gradients.activations, layer_gradients.gradients
+        if activations.ndim != 3:
+            raise OptionError(
+                f"reshape= expects a token sequence (N, L, D); the layer's output has "
+                f"{activations.ndim} dims (shape {activations.shape} channels-first)."
+            )
+        if layout == "channels_last":  # the backend moved D forward: (N, D, L) -> (N, L, D)
+            activations = np.moveaxis(activations, 1, -1)
+            gradients = np.moveaxis(gradients, 2, -1)
+        tokens = activations.shape[1]
+        cells = int(np.prod(self.shape))
+        prefix = self.prefix_tokens
+        if prefix is None:
+            prefix = tokens - cells if tokens - cells in (0, 1) else -1
+        if prefix < 0 or tokens - prefix != cells:
+            raise OptionError(
+                f"the layer has {tokens} tokens, which do not form a {self.shape} grid "
+                f"({cells} patch tokens) after {max(prefix, 0)} prefix tokens; pass "
+                "reshape=TokenGrid(shape, prefix_tokens=...) with the right grid."
+            )
+        n, t = gradients.shape[:2]
+        grid_a = activations[:, prefix:].reshape(n, *self.shape, -1)
+        grid_g = gradients[:, :, prefix:].reshape(n, t, *self.shape, -1)
+        return dataclasses.replace(
+            layer_gradients,
+            activations=np.ascontiguousarray(np.moveaxis(grid_a, -1, 1)),
+            gradients=np.ascontiguousarray(np.moveaxis(grid_g, -1, 2)),
+        )
+
+
 class CAM:
     """Base of the class-activation-map explainers; subclasses define channel weights.
 
@@ -88,6 +151,11 @@ class CAM:
             ``"block2/conv1"`` in Keras and linen) or the layer object itself.
         backend: ``"torch"``, ``"tensorflow"``, ``"jax"``, a registered third-party name,
             or a :class:`~multicam.backends.Backend`; default: chosen from the model's type.
+        output: for a model with several outputs (tuple, list or dict), the index or key
+            of the one to explain.
+        reshape: for a transformer layer whose output is a token sequence ``(N, L, D)``
+            (batch first), the grid its patch tokens form: ``(h, w)`` (a leading class
+            token, when ``L = h w + 1``, is dropped) or a :class:`TokenGrid`.
         **options: passed to the backend, e.g. ``variables=`` for Flax linen.
 
     Raises:
@@ -97,8 +165,17 @@ class CAM:
     """
 
     def __init__(
-        self, model: Any, layer: Any = None, *, backend: str | Backend | None = None, **options: Any
+        self,
+        model: Any,
+        layer: Any = None,
+        *,
+        backend: str | Backend | None = None,
+        output: int | str | None = None,
+        reshape: TokenGrid | Sequence[int] | None = None,
+        **options: Any,
     ) -> None:
+        self.output = output
+        self.reshape = None if reshape is None else TokenGrid.of(reshape)
         if backend is None:
             chosen = backend_for(model)
         elif isinstance(backend, str):
@@ -142,6 +219,8 @@ class CAM:
         align_corners: bool = False,
         eps: float = 1e-8,
         warn: bool = True,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
     ) -> CAMResult:
         """Explain a batch.
 
@@ -163,6 +242,13 @@ class CAM:
             eps: maps whose range is at most ``eps`` normalise to zeros.
             warn: warn (:class:`~multicam.diagnose.BlankMapWarning`) when a map is blank
                 after the ReLU; ``result.diagnose()`` says why.
+            eigen_smooth: replace the weighted sum by the first principal component of the
+                weighted activation maps (:func:`multicam.algebra.eigen_smooth`); for
+                channel-weight methods only.
+            aug_smooth: average the signed map over six versions of the input (as is and
+                flipped left-right, each scaled by 0.9, 1.0 and 1.1), flipping the maps of
+                flipped inputs back, then rectify, resize and normalise the average. Six
+                forward passes; NumPy inputs (or tensors convertible with ``np.asarray``).
 
         Returns:
             A :class:`CAMResult`.
@@ -178,8 +264,17 @@ class CAM:
         n = self.bound.batch_size(inputs)
         if n == 0:
             raise InputError("the input batch is empty (N = 0); pass at least one sample.")
-        layer_gradients = self.bound.gradients(inputs, Targets.parse(targets, n))
-        weights, raw = self.combine(layer_gradients)
+        _check_options(eigen_smooth=eigen_smooth, aug_smooth=aug_smooth)
+        if eigen_smooth and isinstance(self, _ElementWise):
+            raise OptionError(
+                f"eigen_smooth applies to channel-weight methods; {type(self).__name__} "
+                "weighs every position on its own."
+            )
+        parsed = Targets.parse(targets, n, output=self.output)
+        if aug_smooth:
+            layer_gradients, weights, raw = self._augmented(inputs, parsed, eigen_smooth)
+        else:
+            layer_gradients, weights, raw = self._signed(inputs, parsed, eigen_smooth)
         maps = algebra.relu(raw) if relu else raw
         out_size = self._output_size(size, layer_gradients)
         if out_size is not None:
@@ -203,6 +298,43 @@ class CAM:
             warn_if_blank(result)
         return result
 
+    def _signed(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool
+    ) -> tuple[LayerGradients, np.ndarray, np.ndarray]:
+        """One backend call: the layer gradients, channel weights and signed map."""
+        layer_gradients = self.bound.gradients(inputs, targets)
+        if self.reshape is not None:
+            layer_gradients = self.reshape.apply(layer_gradients, self.bound.layout)
+        weights, raw = self.combine(layer_gradients)
+        if eigen_smooth:
+            raw = algebra.eigen_smooth(layer_gradients.activations, weights)
+        return layer_gradients, weights, raw
+
+    def _augmented(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool
+    ) -> tuple[LayerGradients, np.ndarray, np.ndarray]:
+        """Test-time augmentation: the mean signed map over flips and brightness scales."""
+        array = np.asarray(inputs.detach().cpu() if hasattr(inputs, "detach") else inputs)
+        width_axis = -1 if self.bound.layout == "channels_first" else -2
+        if targets.kind in ("predicted", "all"):  # fix the classes once, from the plain input
+            plain = self._signed(array, targets, eigen_smooth)[0]
+            assert plain.targets is not None
+            targets = Targets.parse(plain.targets, targets.batch_size, output=self.output)
+        passes = []
+        for flip in (False, True):
+            for scale in (0.9, 1.0, 1.1):
+                variant = np.flip(array, axis=width_axis) if flip else array
+                layer_gradients, weights, raw = self._signed(
+                    np.ascontiguousarray(variant * np.asarray(scale, array.dtype)),
+                    targets,
+                    eigen_smooth,
+                )
+                passes.append((layer_gradients, weights, np.flip(raw, -1) if flip else raw))
+        layer_gradients = passes[1][0]  # unflipped, unscaled
+        weights = np.stack([w for _, w, _ in passes]).mean(axis=0, dtype=np.float64)
+        raw = np.stack([r for _, _, r in passes]).mean(axis=0, dtype=np.float64)
+        return layer_gradients, weights.astype(np.float32), raw.astype(np.float32)
+
     def _output_size(
         self, size: str | int | Sequence[int] | None, layer_gradients: LayerGradients
     ) -> tuple[int, ...] | None:
@@ -212,7 +344,8 @@ class CAM:
         if isinstance(size, str):
             if size != "input":
                 raise OptionError(f"size={size!r}: expected 'input', None or a shape.")
-            if layer_gradients.input_spatial_shape is None:
+            input_spatial = layer_gradients.input_spatial_shape
+            if input_spatial is None or len(input_spatial) != len(spatial):
                 raise InputError(
                     f"size='input' needs an input with as many spatial dims as the layer's "
                     f"output {spatial}; pass size=None for the layer's resolution or an "
@@ -272,12 +405,17 @@ class GradCAMPlusPlus(CAM):
     linear in the activations, so ``Y^(m) = f^(m)(S) g^m`` with ``g = dS/dA``.
 
     Args:
-        model, layer, backend, **options: as for :class:`GradCAM`.
-        output: ``"exp"`` (default): the paper's ``Y = exp(S)``, for which ``exp(S)``
+        model, layer, backend, **options: as for :class:`CAM`.
+        output_function: ``"exp"`` (default): the paper's ``Y = exp(S)``, for which ``exp(S)``
             cancels in ``alpha`` (``alpha = g^2 / (2 g^2 + sum A g^3)``, the formula every
             public implementation uses), and the weights use ``relu(g)``; or a callable
             ``f(scores) -> (f', f'', f''')``, each ``(N, T)``, for the paper's general
             weights with another output function (then ``relu(f'(S) g)`` is used).
+
+    The paper assumes non-negative activations (a post-ReLU layer). On a layer with
+    negative channel sums ``S_k`` the denominator ``g^2 (2 + S_k g)`` vanishes at
+    ``g = -2 / S_k``, and round-off in the gradients is magnified without bound there:
+    choose a post-ReLU layer (``diagnose`` reports signed activations).
     """
 
     def __init__(
@@ -285,26 +423,28 @@ class GradCAMPlusPlus(CAM):
         model: Any,
         layer: Any = None,
         *,
-        output: str | Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] = "exp",
+        output_function: str
+        | Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray]] = "exp",
         backend: str | Backend | None = None,
         **options: Any,
     ) -> None:
-        if output != "exp" and not callable(output):
+        if output_function != "exp" and not callable(output_function):
             raise OptionError(
-                f"output={output!r}: expected 'exp' or a callable returning (f', f'', f''')."
+                f"output_function={output_function!r}: expected 'exp' or a callable "
+                "returning the derivatives (f1, f2, f3) of Y = f(S)."
             )
-        self.output = output
+        self.output_function = output_function
         super().__init__(model, layer, backend=backend, **options)
 
     def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
         activations, gradients = layer_gradients.activations, layer_gradients.gradients
-        if self.output == "exp":
+        if self.output_function == "exp":
             return algebra.gradcam_plus_plus_weights(activations, gradients)
-        assert callable(self.output)
+        assert callable(self.output_function)
         spatial = (1,) * (gradients.ndim - 3)
         derivatives = [
             np.asarray(d, np.float64).reshape(*gradients.shape[:2], 1, *spatial)
-            for d in self.output(layer_gradients.scores)
+            for d in self.output_function(layer_gradients.scores)
         ]
         g = gradients.astype(np.float64)
         first, second, third = (d * g**power for power, d in enumerate(derivatives, 1))
@@ -375,3 +515,93 @@ class EigenCAM(CAM):
         axis = algebra.principal_axis(layer_gradients.activations)
         n, t = layer_gradients.scores.shape
         return np.broadcast_to(axis[:, None], (n, t, axis.shape[1])).copy()
+
+
+@dataclass(frozen=True)
+class FusedResult:
+    """Several layers' maps fused into one (see :class:`MultiLayerCAM`).
+
+    Attributes:
+        maps: ``(N, T, *S_out)`` float32 fused maps.
+        layers: each layer's own :class:`CAMResult`, by layer name, in the order given.
+        scores: ``(N, T)`` the target scores (the same at every layer).
+        targets: ``(N, T)`` class ids, or ``None`` for a callable target.
+        combine: the rule used, ``"mean"`` or ``"max"``.
+    """
+
+    maps: np.ndarray
+    layers: dict[str, CAMResult]
+    scores: np.ndarray
+    targets: np.ndarray | None
+    combine: str
+
+
+class MultiLayerCAM:
+    """One method at several layers, fused by a documented rule.
+
+    Each layer's map is computed with ``method`` and the call's options, rectified (unless
+    ``relu=False``), resized to the common output size, and min-max normalised per map so
+    that layers of different scale weigh the same; the fused map is their mean
+    (``combine="mean"``, as in pytorch-grad-cam's multi-layer use) or their element-wise
+    maximum (``combine="max"``), normalised again when ``normalize=True``. The classes for
+    ``targets=None`` or ``"all"`` are fixed once, so every layer explains the same ones.
+    One forward pass per layer.
+
+    Args:
+        model: as for :class:`CAM`.
+        layers: two or more layers of the model.
+        method: the explainer class, default :class:`GradCAM`.
+        combine: ``"mean"`` or ``"max"``.
+        backend, output, reshape, **options: as for :class:`CAM`.
+
+    Example:
+        >>> fused = MultiLayerCAM(model, ["features.relu3", "features.relu4"])  # doctest: +SKIP
+        >>> fused(x, targets=4).maps.shape  # (N, 1, H, W)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        method: type[CAM] = GradCAM,
+        combine: str = "mean",
+        backend: str | Backend | None = None,
+        output: int | str | None = None,
+        **options: Any,
+    ) -> None:
+        if combine not in ("mean", "max"):
+            raise OptionError(f"combine={combine!r}: expected 'mean' or 'max'.")
+        if isinstance(layers, str) or len(layers) < 2:
+            raise OptionError("MultiLayerCAM needs a sequence of two or more layers.")
+        self.combine = combine
+        self.explainers = [
+            method(model, layer, backend=backend, output=output, **options) for layer in layers
+        ]
+
+    def __call__(
+        self,
+        inputs: Any,
+        targets: TargetLike = None,
+        *,
+        size: str | int | Sequence[int] = "input",
+        normalize: bool = True,
+        **call: Any,
+    ) -> FusedResult:
+        """Explain a batch at every layer and fuse; options as for :meth:`CAM.__call__`."""
+        if size is None:
+            raise OptionError("MultiLayerCAM needs a common output size: 'input' or a shape.")
+        first = self.explainers[0](inputs, targets, size=size, normalize=True, **call)
+        if first.targets is not None and (targets is None or isinstance(targets, str)):
+            targets = first.targets  # None and "all" resolved once, for every layer
+        results = {first.layer: first}
+        for explainer in self.explainers[1:]:
+            result = explainer(inputs, targets, size=size, normalize=True, **call)
+            results[result.layer] = result
+        stacked = np.stack([result.maps for result in results.values()])
+        fused = stacked.mean(axis=0) if self.combine == "mean" else stacked.max(axis=0)
+        if normalize:
+            fused = algebra.normalize(fused, fused.ndim - 2)
+        return FusedResult(
+            fused.astype(np.float32), results, first.scores, first.targets, self.combine
+        )

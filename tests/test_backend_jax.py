@@ -273,8 +273,11 @@ def test_multi_output_model_raises_target_error():
     module = _TwoHeads()
     x = np.ones((2, 6, 6, 3), np.float32)
     variables = module.init(jax.random.key(0), x)
-    with pytest.raises(TargetError, match="several outputs"):
+    with pytest.raises(TargetError, match=r"returns 2 outputs .*output="):
         _grads(module, "conv", x, 0, variables=variables)
+    bound = BACKEND.bind(module, "conv", variables=variables)
+    second = bound.gradients(x, Targets.parse(0, 2, output=1))
+    assert second.outputs is not None and second.outputs.shape[0] == 2
 
 
 def test_score_function_and_its_shape_check(linen_models):

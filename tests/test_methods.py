@@ -63,13 +63,13 @@ def test_gradcam_plus_plus_general_weights_by_hand() -> None:
         return scores**2 / 2, scores, np.ones_like(scores)
 
     x = np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4)
-    explainer = mc.GradCAMPlusPlus(OneConvNet(), "conv1", output=cubic)
+    explainer = mc.GradCAMPlusPlus(OneConvNet(), "conv1", output_function=cubic)
     res = explainer(x, targets=0, relu=False, normalize=False, size=None)
     # channel 0 where g = 1: alpha = 54 / (2 * 54 + 70 * 1) = 54 / 178, relu(f' g) = 1458
     expected = 3 * (54 / 178) * 1458 * A0
     np.testing.assert_allclose(res.raw[0, 0], expected, rtol=1e-5)
-    with pytest.raises(mc.OptionError, match="output="):
-        mc.GradCAMPlusPlus(OneConvNet(), "conv1", output="softmax")  # type: ignore[arg-type]
+    with pytest.raises(mc.OptionError, match="output_function="):
+        mc.GradCAMPlusPlus(OneConvNet(), "conv1", output_function="softmax")
 
 
 def test_closed_forms_on_the_gap_net(framework: str) -> None:
@@ -110,7 +110,10 @@ def test_closed_forms_on_the_gap_net(framework: str) -> None:
 def test_every_method_agrees_across_backends(
     method: type[mc.CAM], arch: str, input_seed: int, data: st.DataObject
 ) -> None:
-    layer = data.draw(st.sampled_from(zoo.ARCHITECTURES[arch].cam_layers))
+    layers = zoo.ARCHITECTURES[arch].cam_layers
+    if method is mc.GradCAMPlusPlus:  # ill-conditioned on signed activations: see its doc
+        layers = tuple(layer for layer in layers if "conv" not in layer)
+    layer = data.draw(st.sampled_from(layers))
     inputs = zoo.example_input(arch, 2, seed=input_seed)
     weights = zoo.init_weights(arch, 1)
     results = {
@@ -128,3 +131,67 @@ def test_eigen_cam_is_the_same_for_every_target() -> None:
     res = explainer(zoo.example_input("digits_cnn", 2, layout="channels_first"), targets="all")
     np.testing.assert_array_equal(res.raw, np.broadcast_to(res.raw[:, :1], res.raw.shape))
     np.testing.assert_allclose(np.linalg.norm(res.weights, axis=2), 1.0, rtol=1e-5)
+
+
+def test_eigen_smooth_of_one_channel_is_the_weighted_map() -> None:
+    """With K = 1 the first principal axis is the channel itself: nothing to smooth."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 1, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(16, 2)
+    )
+    x = np.random.default_rng(0).normal(size=(2, 3, 6, 6)).astype(np.float32)
+    plain = mc.GradCAM(net, "1")(x, targets=[0, 1], relu=False, normalize=False, size=None)
+    smooth = mc.GradCAM(net, "1")(
+        x, targets=[0, 1], relu=False, normalize=False, size=None, eigen_smooth=True
+    )
+    np.testing.assert_allclose(smooth.raw, plain.raw, rtol=1e-5, atol=1e-7)
+    with pytest.raises(mc.OptionError, match="channel-weight methods"):
+        mc.LayerCAM(net, "1")(x, eigen_smooth=True)
+
+
+def test_aug_smooth_is_the_mean_over_flips_and_scales() -> None:
+    require("torch")
+    explainer = zoo.explainer("digits_cnn", "torch", "features.relu4")
+    x = zoo.example_input("digits_cnn", 2, layout="channels_first")
+    res = explainer(x, targets=[3, 7], relu=False, normalize=False, size=None, aug_smooth=True)
+    raws = []
+    for flip in (False, True):
+        for scale in (0.9, 1.0, 1.1):
+            variant = np.ascontiguousarray((np.flip(x, -1) if flip else x) * np.float32(scale))
+            raw = explainer(variant, targets=[3, 7], relu=False, normalize=False, size=None).raw
+            raws.append(np.flip(raw, -1) if flip else raw)
+    np.testing.assert_allclose(res.raw, np.mean(raws, axis=0), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("smooth", ["eigen_smooth", "aug_smooth"])
+def test_smoothing_agrees_across_backends(smooth: str) -> None:
+    inputs = zoo.example_input("digits_cnn", 2, seed=5)
+    results = {
+        framework: zoo.explainer("digits_cnn", framework, "features.relu4")(
+            native_input(framework, inputs), targets=[4, 9], warn=False, **{smooth: True}
+        )
+        for framework in available_frameworks()
+    }
+    assert_results_agree(results)
+
+
+def test_multi_layer_fusion_is_the_mean_of_normalised_maps() -> None:
+    require("torch")
+    model = zoo.build("digits_cnn", "torch")
+    x = zoo.example_input("digits_cnn", 2, layout="channels_first")
+    layers = ["features.relu3", "features.relu4"]
+    fused = mc.MultiLayerCAM(model, layers)(x, warn=False)
+    singles = [mc.GradCAM(model, layer)(x, targets=fused.targets, warn=False) for layer in layers]
+    mean = np.mean([single.maps for single in singles], axis=0)
+    expected = mc.algebra.normalize(mean, 2)
+    np.testing.assert_allclose(fused.maps, expected, atol=1e-6)
+    assert list(fused.layers) == layers
+    biggest = mc.MultiLayerCAM(model, layers, combine="max")(x, targets=fused.targets, warn=False)
+    np.testing.assert_allclose(
+        biggest.maps, mc.algebra.normalize(np.max([s.maps for s in singles], axis=0), 2), atol=1e-6
+    )
+    with pytest.raises(mc.OptionError, match="two or more layers"):
+        mc.MultiLayerCAM(model, "features.relu4")
+    with pytest.raises(mc.OptionError, match="combine="):
+        mc.MultiLayerCAM(model, layers, combine="sum")

@@ -46,6 +46,7 @@ __all__ = [
     "forward_error",
     "make_layer_gradients",
     "raised_inside",
+    "replacement_activations",
 ]
 
 Layout = Literal["channels_first", "channels_last"]
@@ -238,7 +239,7 @@ def make_layer_gradients(
     _check_finite(scores, "the target scores")
     _check_finite(gradients, f"the gradients at layer {layer_name!r}")
     input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) == activations.ndim:
+    if len(input_shape) >= 3:
         spatial = input_shape[2:] if layout == "channels_first" else input_shape[1:-1]
     else:
         spatial = None
@@ -331,3 +332,33 @@ def _check_finite(array: np.ndarray, what: str) -> None:
         "Check the input for NaN/Inf; if the input is finite, the model overflows: "
         "compute in float32, or lower the logits' scale."
     )
+
+
+def replacement_activations(
+    activations: Any, batch_size: int, layer_name: str, layout: Layout
+) -> np.ndarray:
+    """Check replacement activations for ``outputs_from_layer``; return them natively laid out.
+
+    Args:
+        activations: ``(M, K, *S)`` channels-first, NumPy-convertible.
+        batch_size: M, the number of input samples they replace the layer's output for.
+        layer_name: for messages.
+        layout: the backend's layout; channels-last moves K to the end.
+
+    Returns:
+        A C-contiguous float32 array, ``(M, K, *S)`` or ``(M, *S, K)`` per ``layout``.
+
+    Raises:
+        InputError: not ``(M, K, *S)`` with M = ``batch_size``.
+        NonFiniteError: NaN or Inf in them.
+    """
+    array = np.asarray(activations, dtype=np.float32)
+    if array.ndim < 3 or array.shape[0] != batch_size:
+        raise InputError(
+            f"replacement activations for layer {layer_name!r} have shape {array.shape}; "
+            f"expected channels-first (M, K, *spatial) with M = {batch_size}, one per input."
+        )
+    _check_finite(array, f"the replacement activations for layer {layer_name!r}")
+    if layout == "channels_last":
+        array = np.moveaxis(array, 1, -1)
+    return np.ascontiguousarray(array)

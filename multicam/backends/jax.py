@@ -35,9 +35,11 @@ by the user's own code propagates unchanged, with a note.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
-from collections.abc import Callable, Hashable
+import threading
+from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import jax
@@ -53,14 +55,16 @@ from ..errors import (
     UnsupportedModelError,
     nearest_names,
 )
-from ..targets import Targets
+from ..targets import Region, Targets
 from .base import (
     Backend,
     BoundModel,
     LayerGradients,
+    check_finite,
     check_finite_input,
     forward_error,
     make_layer_gradients,
+    replacement_activations,
 )
 
 __all__ = [
@@ -179,7 +183,9 @@ class JaxBoundModel(BoundModel):
     def __init__(self, layer_name: str) -> None:
         self.layer_name = layer_name
         self.trace_count = 0
-        self._jitted = jax.jit(self._compute, static_argnames=("mode", "score_fn", "static"))
+        self._jitted = jax.jit(
+            self._compute, static_argnames=("mode", "score_fn", "static", "output")
+        )
 
     # --- to implement ---------------------------------------------------------------
 
@@ -225,10 +231,32 @@ class JaxBoundModel(BoundModel):
         if targets.kind == "score":
             assert targets.score_fn is not None
             score_fn = _ById(targets.score_fn)
+        masks = None
+        if targets.kind == "region":
+            classes = np.asarray(targets.class_ids(()), dtype=np.int32)
+            arrays = [np.asarray(region.mask, np.float32) for region in targets.regions]
+            rank = max(mask.ndim for mask in arrays)  # mixed S and (N, *S): lift S to (N, *S)
+            arrays = [
+                np.broadcast_to(m, (targets.batch_size, *m.shape)) if m.ndim < rank else m
+                for m in arrays
+            ]
+            if len({m.shape for m in arrays}) > 1:
+                raise TargetError(
+                    f"the Region masks have different shapes {[m.shape for m in arrays]}; "
+                    "give every target the same spatial shape."
+                )
+            masks = np.stack(arrays)  # (T, *S) or (T, N, *S)
         dynamic, static = self._arguments()
         try:
             activations, grads, scores, outputs, class_ids = self._jitted(
-                dynamic, x, classes, mode=targets.kind, score_fn=score_fn, static=static
+                dynamic,
+                x,
+                classes,
+                masks,
+                mode=targets.kind,
+                score_fn=score_fn,
+                static=static,
+                output=targets.output,
             )
         except MulticamError:
             raise
@@ -250,7 +278,10 @@ class JaxBoundModel(BoundModel):
                 "(N, *spatial, C), e.g. NHWC for 2-D convolutions."
             )
             raise
-        if targets.kind == "classes":
+        if targets.kind == "region":  # validates classes and masks against the output
+            targets.output_weights(tuple(outputs.shape), -1)
+            class_ids = targets.class_ids(tuple(outputs.shape))
+        elif targets.kind == "classes":
             class_ids = targets.class_ids(tuple(outputs.shape))  # validates the range
         elif class_ids is not None:
             class_ids = np.asarray(class_ids, dtype=np.int64)
@@ -265,7 +296,174 @@ class JaxBoundModel(BoundModel):
             outputs=outputs,
         )
 
-    def _compute(
+    def outputs(self, inputs: Any) -> np.ndarray:
+        """The model's outputs for a batch (jitted, cached per shape), as float32 NumPy."""
+        x = self._prepare(inputs)
+        return self._run_forward(x, None)
+
+    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+        """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
+
+        Runs :meth:`_head` (jitted, cached per shape); everything below the layer sees
+        ``inputs``.
+        """
+        x = self._prepare(inputs)
+        a = replacement_activations(activations, int(x.shape[0]), self.layer_name, self.layout)
+        return self._run_forward(x, a)
+
+    @functools.cached_property
+    def _forward_jitted(self) -> Callable[..., Any]:
+        return jax.jit(self._forward, static_argnames=("static",))
+
+    def _run_forward(self, x: Any, a: np.ndarray | None) -> np.ndarray:
+        dynamic, static = self._arguments()
+        try:
+            out = self._forward_jitted(dynamic, x, a, static=static)
+        except MulticamError:
+            raise
+        except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("jax", "jaxlib", "flax"),
+                framework="JAX/Flax",
+                input_shape=tuple(x.shape),
+                input_dtype=x.dtype,
+                expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
+                hint=_layout_hint(tuple(x.shape)),
+            )
+            if error is not None:
+                raise error from exc
+            exc.add_note(
+                f"multicam: raised by the model's forward on an input of shape "
+                f"{tuple(x.shape)}; JAX/Flax models take channels-last input "
+                "(N, *spatial, C), e.g. NHWC for 2-D convolutions."
+            )
+            raise
+        result = np.asarray(out, dtype=np.float32)
+        check_finite(result, "the model's outputs")
+        return result
+
+    def _forward(self, dynamic: Any, x: jax.Array, a: jax.Array | None, *, static: Any) -> Any:
+        """Traced under jit: the outputs, with the layer's output replaced by ``a`` if given."""
+        real = self._features(dynamic, static, x)  # dead code below the layer when replaced
+        if not isinstance(real, jax.Array):
+            raise LayerError(
+                f"layer {self.layer_name!r} returns {type(real).__name__}, not an array; "
+                "choose a layer whose output is one (N, *spatial, K) array."
+            )
+        if a is None:
+            a = real
+        elif a.shape != real.shape:
+            raise InputError(
+                f"the replacement activations have shape {tuple(a.shape)} (channels-last) but "
+                f"layer {self.layer_name!r} outputs {tuple(real.shape)} on this input."
+            )
+        out = self._head(dynamic, static, x, a.astype(real.dtype))
+        if isinstance(out, list | tuple) and len(out) == 1:
+            out = out[0]
+        if not isinstance(out, jax.Array):
+            raise TargetError(
+                f"the model returned {type(out).__name__}; the perturbation methods explain "
+                "single-output models only: wrap the model so that it returns one array."
+            )
+        return out.astype(jnp.float32)
+
+    def guided_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """Guided backpropagation to the input.
+
+        While the computation is traced, the ``relu`` attributes of ``jax.nn``,
+        ``flax.linen`` and ``flax.nnx`` (the same function) are a dispatcher that, for the
+        thread explaining only, is a ``jax.custom_vjp`` guided ReLU (backward
+        ``g * (x > 0) * (g > 0)``); they are restored in a ``finally``. Compiled once per
+        input shape and target kind (class ids are an argument). A ReLU the model captured
+        under another name before the call (``from jax.nn import relu``, a ``functools.partial``,
+        ``jnp.maximum(x, 0)``) is not guided.
+        """
+        x = self._prepare(inputs)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise InputError(
+                f"guided backpropagation differentiates the input, which has dtype {x.dtype}; "
+                "pass floating-point input."
+            )
+        classes = None
+        if targets.kind == "classes":
+            assert targets.classes is not None
+            classes = np.asarray(targets.classes, dtype=np.int32)
+        score_fn = None
+        if targets.kind == "score":
+            assert targets.score_fn is not None
+            score_fn = _ById(targets.score_fn)
+        dynamic, static = self._arguments()
+        try:
+            with _guided_relus():
+                if targets.kind == "region":  # masks are constants of the trace: no cache
+                    result = self._guided_compute(
+                        dynamic,
+                        jnp.asarray(x),
+                        None,
+                        mode="region",
+                        score_fn=None,
+                        static=static,
+                        output=targets.output,
+                        region=targets,
+                    )
+                else:
+                    result = self._guided_jitted(
+                        dynamic,
+                        x,
+                        classes,
+                        mode=targets.kind,
+                        score_fn=score_fn,
+                        static=static,
+                        output=targets.output,
+                    )
+        except MulticamError:
+            raise
+        except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("jax", "jaxlib", "flax"),
+                framework="JAX/Flax",
+                input_shape=tuple(x.shape),
+                input_dtype=x.dtype,
+                expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
+                hint=_layout_hint(tuple(x.shape)),
+            )
+            if error is not None:
+                raise error from exc
+            exc.add_note(
+                f"multicam: raised by the model's forward on an input of shape "
+                f"{tuple(x.shape)} during guided backpropagation."
+            )
+            raise
+        grads, scores, outputs, traced_ids = result
+        class_ids: np.ndarray | None = None
+        if targets.kind in ("classes", "region"):
+            class_ids = targets.class_ids(tuple(outputs.shape))  # validates the range
+        elif traced_ids is not None:
+            class_ids = np.asarray(traced_ids, dtype=np.int64)
+        return make_layer_gradients(
+            np.asarray(x, dtype=np.float32),
+            grads,
+            scores,
+            class_ids,
+            layout=self.layout,
+            input_shape=tuple(x.shape),
+            layer_name="input",
+            outputs=outputs,
+        )
+
+    @functools.cached_property
+    def _guided_jitted(self) -> Callable[..., Any]:
+        return jax.jit(
+            self._guided_compute, static_argnames=("mode", "score_fn", "static", "output")
+        )
+
+    def _guided_forward(self, dynamic: Any, static: Any, x: jax.Array) -> Any:
+        """The model's outputs; subclasses that can run the whole model directly do so."""
+        return self._head(dynamic, static, x, self._features(dynamic, static, x))
+
+    def _guided_compute(
         self,
         dynamic: Any,
         x: jax.Array,
@@ -274,6 +472,69 @@ class JaxBoundModel(BoundModel):
         mode: str,
         score_fn: _ById | None,
         static: Any,
+        output: int | str | None,
+        region: Targets | None = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+        """(N, T, *x) guided gradients, (N, T) scores, outputs, class ids (if computed)."""
+        n = x.shape[0]
+        selector = Targets("all", n, output=output)
+
+        def scored(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
+            out = selector.select_output(self._guided_forward(dynamic, static, x))
+            if not isinstance(out, jax.Array):
+                raise TargetError(
+                    f"the chosen output is a {type(out).__name__}, not an array; choose an "
+                    "array output with output=."
+                )
+            ids = None
+            if mode == "score":
+                assert score_fn is not None
+                s = score_fn.fn(out)
+                if not isinstance(s, jax.Array) or s.shape != (n,):
+                    shape = s.shape if isinstance(s, jax.Array) else type(s).__name__
+                    raise TargetError(
+                        f"the target function returned {shape}; it must return an array of "
+                        f"one score per sample, shape ({n},)."
+                    )
+                return s[:, None], (out, None)
+            if mode == "region":
+                assert region is not None
+                weights = jnp.asarray(region.output_weights(tuple(out.shape), -1), out.dtype)
+                s = (out[:, None] * weights).reshape(n, weights.shape[1], -1).sum(-1)
+                return s, (out, None)
+            if out.ndim != 2:
+                Targets("all", n).class_ids(out.shape)  # raises the TargetError for (N, C)
+            if mode == "predicted":
+                ids = jax.lax.stop_gradient(jnp.argmax(out, axis=1))[:, None]
+            elif mode == "all":
+                ids = jnp.broadcast_to(jnp.arange(out.shape[1]), (n, out.shape[1]))
+            else:
+                assert classes is not None
+                ids = classes
+            return jnp.take_along_axis(out, ids, axis=1), (out, ids)
+
+        s, vjp_fn, (out, ids) = jax.vjp(scored, x, has_aux=True)
+        t = s.shape[1]
+        cotangents = jnp.broadcast_to(jnp.eye(t, dtype=s.dtype)[:, None, :], (t, n, t))
+        (grads,) = jax.vmap(vjp_fn)(cotangents)  # (T, N, *x)
+        return (
+            jnp.moveaxis(grads, 0, 1).astype(jnp.float32),
+            s.astype(jnp.float32),
+            out.astype(jnp.float32),
+            None if mode == "classes" else ids,
+        )
+
+    def _compute(
+        self,
+        dynamic: Any,
+        x: jax.Array,
+        classes: jax.Array | None,
+        masks: jax.Array | None,
+        *,
+        mode: str,
+        score_fn: _ById | None,
+        static: Any,
+        output: int | str | None,
     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array | None]:
         """Traced under jit: activations, (N, T, ...) gradients, (N, T) scores, outputs, ids."""
         self.trace_count += 1
@@ -284,13 +545,14 @@ class JaxBoundModel(BoundModel):
                 "a layer whose output is one (N, *spatial, K) array."
             )
 
+        selector = Targets("all", a.shape[0], output=output)
+
         def head(a: jax.Array) -> jax.Array:
-            out = self._head(dynamic, static, x, a)
+            out = selector.select_output(self._head(dynamic, static, x, a))
             if not isinstance(out, jax.Array):
                 raise TargetError(
-                    f"the model returned {type(out).__name__}; models with several outputs "
-                    "(tuples, dicts) are not supported yet: wrap the model so that it "
-                    "returns one array."
+                    f"the chosen output is a {type(out).__name__}, not an array; choose an "
+                    "array output with output=."
                 )
             return out
 
@@ -318,6 +580,34 @@ class JaxBoundModel(BoundModel):
                 None,
             )
         out, vjp_fn = jax.vjp(head, a)
+        if mode == "region":  # channels-last output maps (N, *S, C)
+            assert classes is not None and masks is not None
+            if out.ndim < 3:
+                Targets("region", n, regions=(Region(0, None),)).output_weights(out.shape, -1)
+            spatial = out.shape[1:-1]
+            if masks.shape[1:] not in (spatial, (n, *spatial)):
+                raise TargetError(
+                    f"the Region mask has shape {masks.shape[1:]}, but the model's output "
+                    f"{tuple(out.shape)} has spatial shape {spatial}: pass a mask of shape "
+                    f"{spatial} (all samples) or {(n, *spatial)} (one per sample)."
+                )
+            region_masks = jnp.broadcast_to(
+                masks.reshape(masks.shape[0], -1, *spatial), (masks.shape[0], n, *spatial)
+            )
+            onehot = jax.nn.one_hot(classes, out.shape[-1], dtype=out.dtype)  # (N, T, C)
+            extra = (None,) * len(spatial)
+            weights = (
+                jnp.moveaxis(region_masks, 0, 1)[..., None] * onehot[:, :, *extra, :]
+            ).astype(out.dtype)  # (N, T, *S, C)
+            scores = (out[:, None] * weights).reshape(n, weights.shape[1], -1).sum(-1)
+            (grads,) = jax.vmap(vjp_fn)(jnp.moveaxis(weights, 1, 0))
+            return (
+                a.astype(jnp.float32),
+                jnp.moveaxis(grads, 0, 1).astype(jnp.float32),
+                scores.astype(jnp.float32),
+                out,
+                classes,
+            )
         if out.ndim != 2:
             Targets("all", n).class_ids(out.shape)  # raises the TargetError for (N, C)
         num_classes = out.shape[1]
@@ -450,6 +740,9 @@ class LinenBoundModel(JaxBoundModel):
         _check_hits(self.layer_name, tap.hits, tap.names)
         return tap.captured
 
+    def _guided_forward(self, dynamic: Any, static: Any, x: jax.Array) -> Any:
+        return self.module.apply(dynamic, x, **self.apply_kwargs)
+
     def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
         tap = _LinenTap(self.path, replacement=a)
         out = self._run(dynamic, x, tap)
@@ -482,13 +775,13 @@ class _NnxTap:
 
 
 def _get_child(parent: Any, part: str) -> Any:
-    if part.isdigit() and not hasattr(parent, part):
+    if part.isascii() and part.isdigit() and not hasattr(parent, part):
         return parent[int(part)]
     return getattr(parent, part)
 
 
 def _set_child(parent: Any, part: str, value: Any) -> None:
-    if part.isdigit() and not hasattr(parent, part):
+    if part.isascii() and part.isdigit() and not hasattr(parent, part):
         parent[int(part)] = value
     else:
         setattr(parent, part, value)
@@ -553,6 +846,11 @@ class NnxBoundModel(JaxBoundModel):
     def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
         return self._run(dynamic, static, x, a)[0]
 
+    def _guided_forward(self, dynamic: Any, static: Any, x: jax.Array) -> Any:
+        from flax import nnx
+
+        return nnx.merge(static, dynamic)(x)  # a copy: the user's module is never touched
+
 
 # --- function pair -------------------------------------------------------------------
 
@@ -577,3 +875,74 @@ class FunctionPairBoundModel(JaxBoundModel):
 
     def _head(self, dynamic: Any, static: Any, x: jax.Array, a: jax.Array) -> Any:
         return self.head(a)
+
+
+# --- guided backpropagation -----------------------------------------------------------
+
+_GUIDED_LOCK = threading.Lock()
+_GUIDED_LOCAL = threading.local()
+#: While any thread computes guided gradients: [users, [(module, original relu)]].
+_GUIDED_STATE: list[Any] = [0, []]
+#: The modules whose ``relu`` attribute models look up.
+_RELU_MODULES = (
+    "jax.nn",
+    "flax.linen",
+    "flax.linen.activation",
+    "flax.nnx",
+    "flax.nnx.nn.activations",
+)
+
+
+@jax.custom_vjp
+def _guided_relu(x: jax.Array) -> jax.Array:
+    return jnp.maximum(x, 0)
+
+
+def _guided_relu_fwd(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.maximum(x, 0), x
+
+
+def _guided_relu_bwd(x: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    return (jnp.where((x > 0) & (g > 0), g, jnp.zeros_like(g)),)
+
+
+_guided_relu.defvjp(_guided_relu_fwd, _guided_relu_bwd)
+_ORIGINAL_RELU = jax.nn.relu
+
+
+def _relu_dispatch(x: Any) -> Any:
+    """``jax.nn.relu`` while patched: guided for the explaining thread, else the original."""
+    if getattr(_GUIDED_LOCAL, "depth", 0):
+        return _guided_relu(x)
+    return _ORIGINAL_RELU(x)
+
+
+@contextlib.contextmanager
+def _guided_relus() -> Iterator[None]:
+    """Patch the ``relu`` attributes (reference-counted across threads); always undone."""
+    with _GUIDED_LOCK:
+        if _GUIDED_STATE[0] == 0:
+            patched = []
+            try:
+                for name in _RELU_MODULES:
+                    module = sys.modules.get(name)
+                    if module is not None and getattr(module, "relu", None) is _ORIGINAL_RELU:
+                        module.relu = _relu_dispatch  # type: ignore[attr-defined]
+                        patched.append((module, _ORIGINAL_RELU))
+            except BaseException:
+                for module, original in reversed(patched):
+                    module.relu = original
+                raise
+            _GUIDED_STATE[1] = patched
+        _GUIDED_STATE[0] += 1
+    _GUIDED_LOCAL.depth = getattr(_GUIDED_LOCAL, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _GUIDED_LOCAL.depth -= 1
+        with _GUIDED_LOCK:
+            _GUIDED_STATE[0] -= 1
+            if _GUIDED_STATE[0] == 0:
+                for module, original in reversed(_GUIDED_STATE[1]):
+                    module.relu = original
+                _GUIDED_STATE[1] = []

@@ -56,9 +56,11 @@ from .base import (
     BoundModel,
     LayerGradients,
     Layout,
+    check_finite,
     check_finite_input,
     forward_error,
     make_layer_gradients,
+    replacement_activations,
 )
 
 __all__ = ["TensorFlowBackend", "TensorFlowBoundModel"]
@@ -199,7 +201,7 @@ class TensorFlowBoundModel(BoundModel):
             finally:
                 restore()
             activations = self._recorded_activations(record)
-            outputs = self._single_output(outputs)
+            outputs = self._single_output(targets.select_output(outputs))
             if targets.kind == "score":
                 assert targets.score_fn is not None
                 scores = tf.convert_to_tensor(targets.score_fn(outputs))
@@ -211,6 +213,12 @@ class TensorFlowBoundModel(BoundModel):
                     )
                 scores = scores[:, None]
                 class_ids = None
+            elif targets.kind == "region":
+                class_axis = 1 if self.layout == "channels_first" else -1
+                weights = targets.output_weights(tuple(outputs.shape), class_axis)
+                weighted = outputs[:, None] * tf.cast(weights, outputs.dtype)
+                scores = tf.reduce_sum(tf.reshape(weighted, (*weights.shape[:2], -1)), -1)
+                class_ids = targets.class_ids(tuple(outputs.shape))
             else:
                 values = tf.cast(outputs, tf.float32).numpy()
                 class_ids = targets.class_ids(tuple(outputs.shape), values)
@@ -229,6 +237,148 @@ class TensorFlowBoundModel(BoundModel):
             layout=self.layout,
             input_shape=input_shape,
             layer_name=self.layer_name,
+            outputs=tf.cast(outputs, tf.float32).numpy(),
+        )
+
+    def outputs(self, inputs: Any) -> np.ndarray:
+        """The model's outputs for a batch (``training=False``), as float32 NumPy."""
+        return self._plain_forward(self._prepare_inputs(inputs), None)
+
+    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+        """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
+
+        The same shadowing wrapper as :meth:`gradients` returns the replacement instead of
+        the layer's output (for this thread only); the layer's ``call`` is restored after.
+        """
+        import tensorflow as tf
+
+        x = self._prepare_inputs(inputs)
+        n = int(tf.nest.flatten(x)[0].shape[0])
+        replacement = replacement_activations(activations, n, self.layer_name, self.layout)
+
+        def replace(output: Any) -> Any:
+            if not isinstance(output, tf.Tensor) or tuple(output.shape) != replacement.shape:
+                shape = tuple(output.shape) if isinstance(output, tf.Tensor) else output
+                raise InputError(
+                    f"the replacement activations have shape {replacement.shape} but layer "
+                    f"{self.layer_name!r} outputs {shape} on this input."
+                )
+            return tf.cast(tf.convert_to_tensor(replacement), output.dtype)
+
+        record = _ReplacingRecord(replace)
+        out = self._plain_forward(x, record)
+        self._recorded_activations(record)  # the layer ran exactly once
+        return out
+
+    def _plain_forward(self, x: Any, record: _Record | None) -> np.ndarray:
+        """One forward, swapping the layer's output if ``record`` says so; float32 NumPy."""
+        import tensorflow as tf
+
+        first = tf.nest.flatten(x)[0]
+        restore = None if record is None else _install(self.layer, record, _NoTape())
+        try:
+            outputs = self.model(x, training=False)
+        except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("keras", "tensorflow", "tf_keras"),
+                framework="Keras/TensorFlow",
+                input_shape=tuple(int(d) for d in first.shape),
+                input_dtype=first.dtype.name,
+                expected=(
+                    "input in the layout of their layers' data_format, here "
+                    f"{self.layout} ("
+                    + ("N, C, *spatial" if self.layout == "channels_first" else "N, *spatial, C")
+                    + ")"
+                ),
+            )
+            if error is not None:
+                raise error from exc
+            exc.add_note(
+                "(raised by the model's own forward pass run by multicam; the model has been "
+                "restored unchanged)"
+            )
+            raise
+        finally:
+            if restore is not None:
+                restore()
+        if isinstance(outputs, list | tuple) and len(outputs) == 1:
+            outputs = outputs[0]
+        if isinstance(outputs, list | tuple | dict):
+            raise TargetError(
+                f"the model returned {type(outputs).__name__} of {len(outputs)} outputs; the "
+                "perturbation methods explain single-output models only: wrap the model so "
+                "that it returns the one output to explain."
+            )
+        result = tf.cast(tf.convert_to_tensor(outputs), tf.float32).numpy()
+        check_finite(result, "the model's outputs")
+        return result
+
+    def guided_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """Guided backpropagation to the input (single-input models).
+
+        For one forward pass, every ReLU layer (``keras.layers.ReLU`` without a negative
+        slope) has its ``call``, and every layer whose ``activation`` is a ReLU
+        (``Conv2D(activation="relu")``, ``Dense``, ``Activation("relu")``; ``relu`` or
+        ``relu6`` of Keras or ``tf.nn``) its ``activation``, shadowed by a wrapper that
+        passes the output through a ``tf.custom_gradient`` gate: identity forward, backward
+        ``max(dy, 0)``; the ReLU's own backward then masks by ``input > 0``. The gate acts
+        only for the thread that is explaining; the attributes are restored in a
+        ``finally``. A ReLU written inline in a subclassed model's ``call``
+        (``tf.nn.relu(x)``, ``keras.ops.relu(x)``) is not guided.
+        """
+        import tensorflow as tf
+
+        x = self._prepare_inputs(inputs)
+        if not isinstance(x, tf.Tensor):
+            raise InputError(
+                "guided backpropagation differentiates one input tensor; this model takes "
+                "several inputs."
+            )
+        if not x.dtype.is_floating:
+            raise InputError(
+                f"guided backpropagation differentiates the input, which has dtype "
+                f"{x.dtype.name}; pass floating-point input."
+            )
+        input_shape = tuple(int(d) for d in x.shape)
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(x)
+            restore = _install_guided(self.model)
+            try:
+                outputs = self.model(x, training=False)
+            except Exception as exc:
+                error = forward_error(
+                    exc,
+                    packages=("keras", "tensorflow", "tf_keras"),
+                    framework="Keras/TensorFlow",
+                    input_shape=input_shape,
+                    input_dtype=x.dtype.name,
+                    expected=f"input in their layers' data_format, here {self.layout}",
+                )
+                if error is not None:
+                    raise error from exc
+                exc.add_note(
+                    "(raised by the model's own forward pass during guided backpropagation; "
+                    "the model has been restored unchanged)"
+                )
+                raise
+            finally:
+                restore()
+            outputs = self._single_output(targets.select_output(outputs))
+            scores, class_ids = _guided_scores(outputs, targets, self.layout)
+            columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
+        try:
+            gradients = self._backward(tape, scores, columns, x)
+        finally:
+            del tape
+        return make_layer_gradients(
+            tf.cast(x, tf.float32).numpy(),
+            tf.cast(gradients, tf.float32).numpy(),
+            tf.cast(scores, tf.float32).numpy(),
+            class_ids,
+            layout=self.layout,
+            input_shape=input_shape,
+            layer_name="input",
             outputs=tf.cast(outputs, tf.float32).numpy(),
         )
 
@@ -318,17 +468,13 @@ class TensorFlowBoundModel(BoundModel):
         return output
 
     def _single_output(self, outputs: Any) -> Any:
-        """The model's single output tensor, or a :class:`TargetError` for several."""
+        """The chosen output (see ``Targets.select_output``) as one tensor."""
         import tensorflow as tf
 
         if isinstance(outputs, list | tuple | dict):
-            if isinstance(outputs, list | tuple) and len(outputs) == 1:
-                return outputs[0]
             raise TargetError(
-                f"the model returned {type(outputs).__name__} of {len(outputs)} outputs; "
-                "multi-output models are not yet supported. Wrap the model so that it "
-                "returns the one output to explain, e.g. keras.Model(model.inputs, "
-                "model.outputs[0]) or a small subclassed model."
+                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
+                "tensor output with output=."
             )
         return tf.convert_to_tensor(outputs)
 
@@ -389,6 +535,21 @@ class _Record:
         self.output: Any = None
 
 
+class _ReplacingRecord(_Record):
+    """A record whose layer output is swapped for ``replace(output)`` (outputs_from_layer)."""
+
+    def __init__(self, replace: Any) -> None:
+        super().__init__()
+        self.replace = replace
+
+
+class _NoTape:
+    """Stands in for the tape when nothing is differentiated."""
+
+    def watch(self, tensor: Any) -> None:
+        pass
+
+
 _TAPS_LOCK = threading.Lock()
 #: id(layer) -> its tap, while at least one thread explains the layer.
 _TAPS: dict[int, _LayerTap] = {}
@@ -426,6 +587,9 @@ class _LayerTap:
                     if not isinstance(output, list | tuple | dict):
                         tape.watch(output)
                     record.output = output
+                    replace = getattr(record, "replace", None)
+                    if replace is not None:  # outputs_from_layer: swap the output
+                        return replace(output)
             return output
 
         return recording_call
@@ -585,3 +749,128 @@ def _declared_input(model: Any) -> tuple[tuple[int | None, ...], Any] | None:
     if shape is None:
         return None
     return tuple(None if d is None else int(d) for d in shape), getattr(inputs[0], "dtype", None)
+
+
+# --- guided backpropagation -----------------------------------------------------------
+
+_GUIDED_LOCK = threading.Lock()
+_GUIDED_LOCAL = threading.local()
+#: (id(layer), attribute) -> [layer, saved attribute, users, wrapper], while installed.
+_GUIDED_PATCHES: dict[tuple[int, str], list[Any]] = {}
+
+
+def _guided_scores(outputs: Any, targets: Targets, layout: Layout) -> tuple[Any, Any]:
+    """``(N, T)`` scores of ``outputs`` for ``targets`` and their class ids (or None)."""
+    import tensorflow as tf
+
+    n = int(outputs.shape[0])
+    if targets.kind == "score":
+        assert targets.score_fn is not None
+        scores = tf.convert_to_tensor(targets.score_fn(outputs))
+        if tuple(scores.shape) != (n,):
+            raise TargetError(
+                f"the target score function returned shape {tuple(scores.shape)} for a batch "
+                f"of {n}; it must return one score per sample, shape ({n},)."
+            )
+        return scores[:, None], None
+    if targets.kind == "region":
+        class_axis = 1 if layout == "channels_first" else -1
+        weights = targets.output_weights(tuple(outputs.shape), class_axis)
+        weighted = outputs[:, None] * tf.cast(weights, outputs.dtype)
+        scores = tf.reduce_sum(tf.reshape(weighted, (*weights.shape[:2], -1)), -1)
+        return scores, targets.class_ids(tuple(outputs.shape))
+    values = tf.cast(outputs, tf.float32).numpy()
+    class_ids = targets.class_ids(tuple(outputs.shape), values)
+    return tf.gather(outputs, class_ids, axis=1, batch_dims=1), class_ids
+
+
+def _guided_gate(y: Any) -> Any:
+    """Identity forward; backward lets only positive gradients through."""
+    import tensorflow as tf
+
+    @tf.custom_gradient
+    def gate(y: Any) -> Any:
+        def grad(dy: Any) -> Any:
+            return tf.nn.relu(dy)
+
+        return tf.identity(y), grad
+
+    return gate(y)
+
+
+def _guided_wrap(method: Any) -> Any:
+    import tensorflow as tf
+
+    def guided(*args: Any, **kwargs: Any) -> Any:
+        out = method(*args, **kwargs)
+        if getattr(_GUIDED_LOCAL, "depth", 0) and isinstance(out, tf.Tensor):
+            return _guided_gate(out)
+        return out
+
+    return guided
+
+
+def _relu_functions() -> set[int]:
+    import keras
+    import tensorflow as tf
+
+    return {
+        id(f)
+        for f in (
+            keras.activations.relu,
+            keras.activations.relu6,
+            keras.ops.relu,
+            keras.ops.relu6,
+            tf.nn.relu,
+            tf.nn.relu6,
+        )
+    }
+
+
+def _install_guided(model: Any) -> Any:
+    """Shadow the ReLUs of ``model`` with guided ones for this thread; return the undo."""
+    import keras
+
+    relus = _relu_functions()
+    found: list[tuple[Any, str]] = []
+    for layer in [model, *(layer for _, layer in _named_layers(model))]:
+        if isinstance(layer, keras.layers.ReLU) and not float(layer.negative_slope or 0):
+            found.append((layer, "call"))
+        elif id(getattr(layer, "activation", None)) in relus:
+            found.append((layer, "activation"))
+    installed: list[tuple[int, str]] = []
+
+    def release() -> None:  # under _GUIDED_LOCK
+        for key in reversed(installed):
+            entry = _GUIDED_PATCHES[key]
+            entry[2] -= 1
+            if entry[2] == 0:
+                layer, saved, _, wrapper = entry
+                if layer.__dict__.get(key[1]) is wrapper:  # still ours: put it back
+                    _restore(layer, [(key[1], saved)])
+                del _GUIDED_PATCHES[key]
+        installed.clear()
+
+    with _GUIDED_LOCK:
+        try:
+            for layer, attribute in found:
+                key = (id(layer), attribute)
+                entry = _GUIDED_PATCHES.get(key)
+                if entry is None or entry[0] is not layer:
+                    saved = layer.__dict__.get(attribute, _MISSING)
+                    wrapper = _guided_wrap(getattr(layer, attribute))
+                    object.__setattr__(layer, attribute, wrapper)
+                    entry = _GUIDED_PATCHES[key] = [layer, saved, 0, wrapper]
+                entry[2] += 1
+                installed.append(key)
+        except BaseException:
+            release()
+            raise
+    _GUIDED_LOCAL.depth = getattr(_GUIDED_LOCAL, "depth", 0) + 1
+
+    def undo() -> None:
+        _GUIDED_LOCAL.depth -= 1
+        with _GUIDED_LOCK:
+            release()
+
+    return undo

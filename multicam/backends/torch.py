@@ -40,9 +40,11 @@ from .base import (
     Backend,
     BoundModel,
     LayerGradients,
+    check_finite,
     check_finite_input,
     forward_error,
     make_layer_gradients,
+    replacement_activations,
 )
 
 __all__ = ["TorchBackend", "TorchBoundModel"]
@@ -218,10 +220,11 @@ class TorchBoundModel(BoundModel):
                 "a module that is not shared)."
             )
         activations = captured[0]
+        outputs = targets.select_output(outputs)
         if not isinstance(outputs, torch.Tensor):
             raise TargetError(
-                f"the model returned {type(outputs).__name__}; models with several outputs "
-                "are not supported yet: wrap the model so that it returns one tensor."
+                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
+                "tensor output with output=."
             )
         with torch.enable_grad():
             scores, classes = _target_scores(outputs, targets)
@@ -242,6 +245,143 @@ class TorchBoundModel(BoundModel):
             outputs=outputs.detach().float().cpu().numpy(),
         )
 
+    def outputs(self, inputs: Any) -> np.ndarray:
+        """The model's outputs for a batch under ``no_grad``, as float32 NumPy."""
+        x = self._as_tensor(inputs)
+        return self._plain_forward(x)
+
+    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+        """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
+
+        A forward hook (acting for this thread only, like :meth:`gradients`') returns the
+        replacement, cast to the layer output's dtype and device; it is removed afterwards.
+        """
+        x = self._as_tensor(inputs)
+        replacement = replacement_activations(
+            activations, int(x.shape[0]), self.layer_name, self.layout
+        )
+        calls: list[tuple[int, ...]] = []
+        owner = threading.get_ident()
+
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if threading.get_ident() != owner:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise LayerError(
+                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor;"
+                    " choose a layer whose output is one (N, K, *spatial) tensor."
+                )
+            calls.append(tuple(output.shape))
+            if tuple(output.shape) != replacement.shape:
+                raise InputError(
+                    f"the replacement activations have shape {replacement.shape} but layer "
+                    f"{self.layer_name!r} outputs {tuple(output.shape)} on this input."
+                )
+            return torch.from_numpy(replacement).to(device=output.device, dtype=output.dtype)
+
+        handle = self.layer.register_forward_hook(hook)
+        try:
+            out = self._plain_forward(x)
+        finally:
+            handle.remove()
+        if len(calls) != 1:
+            raise LayerError(
+                f"layer {self.layer_name!r} ran {len(calls)} times in one forward pass; its "
+                "output can be replaced only in a layer that runs exactly once."
+            )
+        return out
+
+    def _plain_forward(self, x: torch.Tensor) -> np.ndarray:
+        """One forward without gradients; framework errors become :class:`InputError`."""
+        try:
+            with torch.inference_mode(False), torch.no_grad():
+                outputs = self.model(x)
+        except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("torch",),
+                framework="torch",
+                input_shape=tuple(x.shape),
+                input_dtype=x.dtype,
+                expected="channels-first input (N, C, *spatial)",
+                hint=self._input_hint(x),
+            )
+            if error is not None:
+                raise error from exc
+            exc.add_note(
+                f"multicam: raised by the model's forward on an input of shape "
+                f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
+            )
+            raise
+        if not isinstance(outputs, torch.Tensor):
+            raise TargetError(
+                f"the model returned {type(outputs).__name__}; models with several outputs "
+                "are not supported yet: wrap the model so that it returns one tensor."
+            )
+        result = outputs.detach().float().cpu().numpy()
+        check_finite(result, "the model's outputs")
+        return result
+
+    def guided_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """Guided backpropagation to the input: see :class:`_GuidedReLUs` for the mechanism.
+
+        Every ReLU the forward runs through ``torch.relu``/``F.relu``/``Tensor.relu`` (and
+        their in-place forms; ``nn.ReLU`` modules call ``F.relu``), ``F.relu6`` and
+        ``F.hardtanh`` with ``min_val=0`` (``nn.ReLU6``) gets a gradient hook on its output
+        that clamps the incoming gradient to >= 0; the ReLU's own backward then zeroes it at
+        non-positive inputs. A ReLU computed another way (``clamp(min=0)``, ``x * (x > 0)``,
+        a TorchScript/compiled region) is not guided. The model is untouched: the
+        interception is a torch function mode, active in this thread only for this forward.
+        """
+        x = self._as_tensor(inputs)
+        if not x.is_floating_point():
+            raise InputError(
+                f"guided backpropagation differentiates the input, which has dtype {x.dtype}; "
+                "pass floating-point input."
+            )
+        x = x.detach().requires_grad_(True)
+        try:
+            with torch.inference_mode(False), torch.enable_grad(), _GuidedReLUs():
+                outputs = self.model(x)
+        except Exception as exc:
+            error = forward_error(
+                exc,
+                packages=("torch",),
+                framework="torch",
+                input_shape=tuple(x.shape),
+                input_dtype=x.dtype,
+                expected="channels-first input (N, C, *spatial)",
+                hint=self._input_hint(x),
+            )
+            if error is not None:
+                raise error from exc
+            exc.add_note(
+                f"multicam: raised by the model's forward on an input of shape "
+                f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
+            )
+            raise
+        outputs = targets.select_output(outputs)
+        if not isinstance(outputs, torch.Tensor):
+            raise TargetError(
+                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
+                "tensor output with output=."
+            )
+        with torch.enable_grad():
+            scores, classes = _target_scores(outputs, targets)
+            if not scores.requires_grad:
+                raise InputError("the target scores do not depend on the input.")
+            grads = _batched_vjp(scores, x)
+        return make_layer_gradients(
+            x.detach().float().cpu().numpy(),
+            grads.detach().float().cpu().numpy(),
+            scores.detach().float().cpu().numpy(),
+            classes,
+            layout=self.layout,
+            input_shape=tuple(x.shape),
+            layer_name="input",
+            outputs=outputs.detach().float().cpu().numpy(),
+        )
+
 
 def _target_scores(
     outputs: torch.Tensor, targets: Targets
@@ -257,6 +397,11 @@ def _target_scores(
                 f"score per sample, shape ({outputs.shape[0]},)."
             )
         return scores[:, None], None
+    if targets.kind == "region":  # channels-first output maps: classes on axis 1
+        weights = torch.from_numpy(targets.output_weights(tuple(outputs.shape), 1))
+        weights = weights.to(device=outputs.device, dtype=outputs.dtype)
+        scores = (outputs[:, None] * weights).flatten(2).sum(-1)
+        return scores, targets.class_ids(tuple(outputs.shape))
     values = outputs.detach().float().cpu().numpy() if targets.kind == "predicted" else None
     classes = targets.class_ids(tuple(outputs.shape), values)
     index = torch.from_numpy(classes).to(outputs.device)
@@ -292,3 +437,51 @@ def _batched_vjp(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tenso
             ]
         )
     return grads.movedim(0, 1)
+
+
+def _clamp_negative_gradient(grad: torch.Tensor) -> torch.Tensor:
+    return grad.clamp(min=0)
+
+
+class _GuidedReLUs(torch.overrides.TorchFunctionMode):
+    """Makes every ReLU called in its ``with`` block (this thread only) a guided one.
+
+    A torch function mode sees each call of a torch function in the thread that entered
+    it (modes are thread-local), including the ``F.relu`` inside ``nn.ReLU.forward``. For
+    a ReLU-like call whose output requires grad, it registers a hook on that output tensor
+    clamping the gradient flowing into it to >= 0; the ReLU's own backward then masks it by
+    ``input > 0``: ``dx = 1[x > 0] * max(g, 0)``, the guided rule. In-place ReLUs work (the
+    hook sits on the tensor's post-ReLU version). Nothing is registered on the model.
+    """
+
+    _RELUS = frozenset(
+        {
+            torch.relu,
+            torch.relu_,
+            torch.Tensor.relu,
+            torch.Tensor.relu_,
+            torch.nn.functional.relu,
+            torch.nn.functional.relu_,
+            torch.nn.functional.relu6,
+        }
+    )
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if (
+            _is_relu_call(func, args, kwargs, self._RELUS)
+            and isinstance(out, torch.Tensor)
+            and out.requires_grad
+        ):
+            out.register_hook(_clamp_negative_gradient)
+        return out
+
+
+def _is_relu_call(func: Any, args: Any, kwargs: dict[str, Any], relus: frozenset[Any]) -> bool:
+    if func in relus:
+        return True
+    if func in (torch.nn.functional.hardtanh, torch.nn.functional.hardtanh_):
+        min_val = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
+        return bool(min_val == 0)
+    return False

@@ -36,6 +36,7 @@ import numpy as np
 __all__ = [
     "ARCHITECTURES",
     "BENCHMARK_ARCHITECTURES",
+    "SEGMENTATION_ARCHITECTURES",
     "explainer",
     "installed_frameworks",
     "FRAMEWORKS",
@@ -320,6 +321,27 @@ def _resnet50() -> Architecture:
     )
 
 
+def _seg_fcn() -> Architecture:
+    features = (
+        Conv("conv1", 3, 8, kernel=3, padding=1),
+        ReLU("relu1"),
+        Conv("conv2", 8, 8, kernel=3, padding=1),
+        ReLU("relu2"),
+    )
+    return Architecture(
+        "seg_fcn",
+        (10, 10, 3),
+        3,
+        (Stage("features", features), Conv("classifier", 8, 3, kernel=1)),
+        tuple(f"features.{op.name}" for op in features),
+        "a fully convolutional segmentation net: two 3x3 convs, a 1x1 conv to 3 class maps",
+    )
+
+
+SEGMENTATION_ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (_seg_fcn(),)}
+"""Networks whose output is a map of class scores (N, C, *S), for :class:`multicam.Region`
+targets; kept out of :data:`ARCHITECTURES`, whose tests use class targets."""
+
 BENCHMARK_ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (_resnet50(),)}
 """Large networks for :mod:`multicam.bench`; kept out of :data:`ARCHITECTURES`, which the
 agreement tests iterate. :func:`build`, :func:`init_weights` and :func:`example_input`
@@ -341,9 +363,13 @@ def iter_layers(layers: tuple[Layer, ...], prefix: str = "") -> Iterator[tuple[s
 def _architecture(arch: str | Architecture) -> Architecture:
     if isinstance(arch, Architecture):
         return arch
-    found = ARCHITECTURES.get(arch) or BENCHMARK_ARCHITECTURES.get(arch)
+    found = (
+        ARCHITECTURES.get(arch)
+        or SEGMENTATION_ARCHITECTURES.get(arch)
+        or BENCHMARK_ARCHITECTURES.get(arch)
+    )
     if found is None:
-        known = sorted([*ARCHITECTURES, *BENCHMARK_ARCHITECTURES])
+        known = sorted([*ARCHITECTURES, *SEGMENTATION_ARCHITECTURES, *BENCHMARK_ARCHITECTURES])
         raise KeyError(f"unknown architecture {arch!r}; known: {known}")
     return found
 
