@@ -156,3 +156,31 @@ def test_token_sequences_become_grids(class_token: bool) -> None:
         mc.GradCAM(model, "block", reshape=(3, 3))(x, targets=1)
     explicit = mc.GradCAM(model, "block", reshape=mc.TokenGrid((4, 4), int(class_token)))
     np.testing.assert_allclose(explicit(x, targets=[1, 3], warn=False).raw, res.raw)
+
+
+def test_token_grid_on_a_channels_last_backend() -> None:
+    """A JAX (features, head) pair whose layer is a token sequence (N, 1 + 9, D)."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    rng = np.random.default_rng(3)
+    embed, head_w = rng.normal(size=(12, 5)), rng.normal(size=(5, 3))
+    class_token = rng.normal(size=(1, 1, 5))
+
+    def features(x: object) -> object:  # (N, 6, 6, 3) -> 3x3 patches of 2x2x3 -> tokens
+        patches = jnp.reshape(x, (-1, 3, 2, 3, 2, 3)).transpose(0, 1, 3, 2, 4, 5)
+        tokens = jnp.tanh(patches.reshape(-1, 9, 12) @ embed)
+        return jnp.concatenate([jnp.broadcast_to(class_token, (tokens.shape[0], 1, 5)), tokens], 1)
+
+    def head(tokens: object) -> object:
+        return tokens.mean(1) @ head_w  # type: ignore[attr-defined]
+
+    x = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    res = mc.GradCAM((features, head), None, backend="jax", reshape=(3, 3))(
+        x, targets=[0, 2], warn=False, size=None
+    )
+    tokens = np.asarray(features(x))
+    _, vjp = jax.vjp(head, jnp.asarray(tokens))
+    (grads,) = vjp(jnp.asarray(np.eye(3, dtype=np.float32)[[0, 2]]))
+    grads = np.asarray(grads)[:, 1:]
+    expected = np.einsum("nd,nld->nl", grads.mean(1), tokens[:, 1:]).reshape(2, 3, 3)
+    np.testing.assert_allclose(res.raw[:, 0], expected, rtol=1e-5, atol=1e-6)
