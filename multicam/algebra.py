@@ -19,6 +19,7 @@ when upsampling (JAX antialiases when downsampling; multicam does not).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Literal
 
@@ -126,6 +127,14 @@ def interpolation_matrix(
     return matrix
 
 
+@functools.lru_cache(maxsize=256)
+def _float32_matrix(in_size: int, out_size: int, method: str, align_corners: bool) -> np.ndarray:
+    """A cached, read-only float32 :func:`interpolation_matrix` (calls repeat the shapes)."""
+    matrix = interpolation_matrix(in_size, out_size, method, align_corners).astype(np.float32)  # type: ignore[arg-type]
+    matrix.flags.writeable = False
+    return matrix
+
+
 def resize(
     maps: np.ndarray,
     size: Sequence[int],
@@ -158,7 +167,7 @@ def resize(
         source = out.shape[axis]
         if source == target:
             continue
-        matrix = interpolation_matrix(source, target, method, align_corners).astype(np.float32)
+        matrix = _float32_matrix(source, target, method, align_corners)
         if axis == out.ndim - 1:  # (..., s) @ (s, t)
             out = out @ matrix.T
         elif axis == out.ndim - 2:  # (t, s) @ (..., s, w)

@@ -21,7 +21,8 @@ that a new backend agrees with the reference implementation.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -268,6 +269,52 @@ def raised_inside(exc: BaseException, packages: Sequence[str]) -> bool:
         return False
     module = str(last.tb_frame.f_globals.get("__name__", ""))
     return module.split(".", 1)[0] in packages
+
+
+@contextlib.contextmanager
+def forward_errors(
+    *,
+    packages: Sequence[str],
+    framework: str,
+    input_shape: Sequence[int],
+    input_dtype: Any,
+    expected: str,
+    note: str,
+    hint: Callable[[], str] = lambda: "",
+) -> Iterator[None]:
+    """Run a model's forward pass inside: how its failures reach the user.
+
+    A failure inside the framework becomes an :class:`InputError` raised ``from`` the
+    original (see :func:`forward_error`); an exception from the user's own code propagates
+    unchanged in type, with ``note`` added; multicam's own errors pass through as they are.
+
+    Args:
+        packages: the framework's top-level packages (see :func:`forward_error`).
+        framework: its name for the message.
+        input_shape: the shape of the input as given to the model.
+        input_dtype: its dtype.
+        expected: what the framework's models take.
+        note: the note added to an exception from the user's code.
+        hint: computes a more specific diagnosis, only when there is an error.
+    """
+    try:
+        yield
+    except MulticamError:
+        raise
+    except Exception as exc:
+        error = forward_error(
+            exc,
+            packages=packages,
+            framework=framework,
+            input_shape=input_shape,
+            input_dtype=input_dtype,
+            expected=expected,
+            hint=hint(),
+        )
+        if error is not None:
+            raise error from exc
+        exc.add_note(note)
+        raise
 
 
 def forward_error(

@@ -50,7 +50,6 @@ from ..errors import (
     BackendError,
     InputError,
     LayerError,
-    MulticamError,
     TargetError,
     UnsupportedModelError,
     nearest_names,
@@ -62,7 +61,7 @@ from .base import (
     LayerGradients,
     check_finite,
     check_finite_input,
-    forward_error,
+    forward_errors,
     make_layer_gradients,
     replacement_activations,
 )
@@ -221,6 +220,21 @@ class JaxBoundModel(BoundModel):
             check_finite_input(np.asarray(x, dtype=np.float32))
         return x
 
+    def _forward_errors(self, x: Any, during: str = "") -> contextlib.AbstractContextManager[None]:
+        """How a failure of the model's forward on ``x`` reaches the user."""
+        shape = tuple(x.shape)
+        return forward_errors(
+            packages=("jax", "jaxlib", "flax"),
+            framework="JAX/Flax",
+            input_shape=shape,
+            input_dtype=x.dtype,
+            expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
+            note=f"multicam: raised by the model's forward on an input of shape {shape}"
+            f"{during}; JAX/Flax models take channels-last input (N, *spatial, C), e.g. NHWC "
+            "for 2-D convolutions.",
+            hint=lambda: _layout_hint(shape),
+        )
+
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         x = self._prepare(inputs)
         classes = None
@@ -247,7 +261,7 @@ class JaxBoundModel(BoundModel):
                 )
             masks = np.stack(arrays)  # (T, *S) or (T, N, *S)
         dynamic, static = self._arguments()
-        try:
+        with self._forward_errors(x):
             activations, grads, scores, outputs, class_ids = self._jitted(
                 dynamic,
                 x,
@@ -258,26 +272,6 @@ class JaxBoundModel(BoundModel):
                 static=static,
                 output=targets.output,
             )
-        except MulticamError:
-            raise
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("jax", "jaxlib", "flax"),
-                framework="JAX/Flax",
-                input_shape=tuple(x.shape),
-                input_dtype=x.dtype,
-                expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
-                hint=_layout_hint(tuple(x.shape)),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
-                f"multicam: raised by the model's forward on an input of shape "
-                f"{tuple(x.shape)}; JAX/Flax models take channels-last input "
-                "(N, *spatial, C), e.g. NHWC for 2-D convolutions."
-            )
-            raise
         if targets.kind == "region":  # validates classes and masks against the output
             targets.output_weights(tuple(outputs.shape), -1)
             class_ids = targets.class_ids(tuple(outputs.shape))
@@ -317,28 +311,8 @@ class JaxBoundModel(BoundModel):
 
     def _run_forward(self, x: Any, a: np.ndarray | None) -> np.ndarray:
         dynamic, static = self._arguments()
-        try:
+        with self._forward_errors(x):
             out = self._forward_jitted(dynamic, x, a, static=static)
-        except MulticamError:
-            raise
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("jax", "jaxlib", "flax"),
-                framework="JAX/Flax",
-                input_shape=tuple(x.shape),
-                input_dtype=x.dtype,
-                expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
-                hint=_layout_hint(tuple(x.shape)),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
-                f"multicam: raised by the model's forward on an input of shape "
-                f"{tuple(x.shape)}; JAX/Flax models take channels-last input "
-                "(N, *spatial, C), e.g. NHWC for 2-D convolutions."
-            )
-            raise
         result = np.asarray(out, dtype=np.float32)
         check_finite(result, "the model's outputs")
         return result
@@ -394,48 +368,28 @@ class JaxBoundModel(BoundModel):
             assert targets.score_fn is not None
             score_fn = _ById(targets.score_fn)
         dynamic, static = self._arguments()
-        try:
-            with _guided_relus():
-                if targets.kind == "region":  # masks are constants of the trace: no cache
-                    result = self._guided_compute(
-                        dynamic,
-                        jnp.asarray(x),
-                        None,
-                        mode="region",
-                        score_fn=None,
-                        static=static,
-                        output=targets.output,
-                        region=targets,
-                    )
-                else:
-                    result = self._guided_jitted(
-                        dynamic,
-                        x,
-                        classes,
-                        mode=targets.kind,
-                        score_fn=score_fn,
-                        static=static,
-                        output=targets.output,
-                    )
-        except MulticamError:
-            raise
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("jax", "jaxlib", "flax"),
-                framework="JAX/Flax",
-                input_shape=tuple(x.shape),
-                input_dtype=x.dtype,
-                expected="channels-last input (N, *spatial, C), e.g. NHWC for 2-D convolutions",
-                hint=_layout_hint(tuple(x.shape)),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
-                f"multicam: raised by the model's forward on an input of shape "
-                f"{tuple(x.shape)} during guided backpropagation."
-            )
-            raise
+        with self._forward_errors(x, " during guided backpropagation"), _guided_relus():
+            if targets.kind == "region":  # masks are constants of the trace: no cache
+                result = self._guided_compute(
+                    dynamic,
+                    jnp.asarray(x),
+                    None,
+                    mode="region",
+                    score_fn=None,
+                    static=static,
+                    output=targets.output,
+                    region=targets,
+                )
+            else:
+                result = self._guided_jitted(
+                    dynamic,
+                    x,
+                    classes,
+                    mode=targets.kind,
+                    score_fn=score_fn,
+                    static=static,
+                    output=targets.output,
+                )
         grads, scores, outputs, traced_ids = result
         class_ids: np.ndarray | None = None
         if targets.kind in ("classes", "region"):

@@ -35,9 +35,10 @@ a note.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -58,7 +59,7 @@ from .base import (
     Layout,
     check_finite,
     check_finite_input,
-    forward_error,
+    forward_errors,
     make_layer_gradients,
     replacement_activations,
 )
@@ -68,6 +69,10 @@ __all__ = ["TensorFlowBackend", "TensorFlowBoundModel"]
 _MISSING = object()
 #: The layer attributes Keras' ``Operation.__call__`` may dispatch to.
 _CALL_ATTRIBUTES = ("call", "quantized_call")
+#: From this many targets on, one vectorised batch Jacobian (pfor) beats one backward pass
+#: per target; below it pfor's tracing costs more than it saves (benchmarks/RESULTS.md:
+#: digits CNN T=10, 167 ms vs 62 ms; ResNet-50 T=10, 405 vs 332 ms; T=100, 433 vs 975 ms).
+_PFOR_FROM_TARGETS = 16
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
@@ -172,32 +177,13 @@ class TensorFlowBoundModel(BoundModel):
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             restore = _install(self.layer, record, tape)
             try:
-                outputs = self.model(x, training=False)
-            except Exception as exc:
-                error = forward_error(
-                    exc,
-                    packages=("keras", "tensorflow", "tf_keras"),
-                    framework="Keras/TensorFlow",
-                    input_shape=input_shape,
-                    input_dtype=first.dtype.name,
-                    expected=(
-                        "input in the layout of their layers' data_format, here "
-                        f"{self.layout} ("
-                        + (
-                            "N, C, *spatial"
-                            if self.layout == "channels_first"
-                            else "N, *spatial, C"
-                        )
-                        + ")"
-                    ),
-                )
-                if error is not None:
-                    raise error from exc
-                exc.add_note(
+                with self._forward_errors(
+                    input_shape,
+                    first.dtype.name,
                     f"(raised by the model's own forward pass while multicam recorded layer "
-                    f"{self.layer_name!r}; the model has been restored unchanged)"
-                )
-                raise
+                    f"{self.layer_name!r}; the model has been restored unchanged)",
+                ):
+                    outputs = self.model(x, training=False)
             finally:
                 restore()
             activations = self._recorded_activations(record)
@@ -277,28 +263,13 @@ class TensorFlowBoundModel(BoundModel):
         first = tf.nest.flatten(x)[0]
         restore = None if record is None else _install(self.layer, record, _NoTape())
         try:
-            outputs = self.model(x, training=False)
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("keras", "tensorflow", "tf_keras"),
-                framework="Keras/TensorFlow",
-                input_shape=tuple(int(d) for d in first.shape),
-                input_dtype=first.dtype.name,
-                expected=(
-                    "input in the layout of their layers' data_format, here "
-                    f"{self.layout} ("
-                    + ("N, C, *spatial" if self.layout == "channels_first" else "N, *spatial, C")
-                    + ")"
-                ),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
+            with self._forward_errors(
+                tuple(int(d) for d in first.shape),
+                first.dtype.name,
                 "(raised by the model's own forward pass run by multicam; the model has been "
-                "restored unchanged)"
-            )
-            raise
+                "restored unchanged)",
+            ):
+                outputs = self.model(x, training=False)
         finally:
             if restore is not None:
                 restore()
@@ -345,23 +316,13 @@ class TensorFlowBoundModel(BoundModel):
             tape.watch(x)
             restore = _install_guided(self.model)
             try:
-                outputs = self.model(x, training=False)
-            except Exception as exc:
-                error = forward_error(
-                    exc,
-                    packages=("keras", "tensorflow", "tf_keras"),
-                    framework="Keras/TensorFlow",
-                    input_shape=input_shape,
-                    input_dtype=x.dtype.name,
-                    expected=f"input in their layers' data_format, here {self.layout}",
-                )
-                if error is not None:
-                    raise error from exc
-                exc.add_note(
+                with self._forward_errors(
+                    input_shape,
+                    x.dtype.name,
                     "(raised by the model's own forward pass during guided backpropagation; "
-                    "the model has been restored unchanged)"
-                )
-                raise
+                    "the model has been restored unchanged)",
+                ):
+                    outputs = self.model(x, training=False)
             finally:
                 restore()
             outputs = self._single_output(targets.select_output(outputs))
@@ -380,6 +341,21 @@ class TensorFlowBoundModel(BoundModel):
             input_shape=input_shape,
             layer_name="input",
             outputs=tf.cast(outputs, tf.float32).numpy(),
+        )
+
+    def _forward_errors(
+        self, input_shape: Sequence[int], input_dtype: str, note: str
+    ) -> contextlib.AbstractContextManager[None]:
+        """How a failure of the model's forward reaches the user."""
+        layout = "N, C, *spatial" if self.layout == "channels_first" else "N, *spatial, C"
+        return forward_errors(
+            packages=("keras", "tensorflow", "tf_keras"),
+            framework="Keras/TensorFlow",
+            input_shape=tuple(input_shape),
+            input_dtype=input_dtype,
+            expected=f"input in the layout of their layers' data_format, here {self.layout} "
+            f"({layout})",
+            note=note,
         )
 
     def _prepare_inputs(self, inputs: Any) -> Any:
@@ -491,16 +467,18 @@ class TensorFlowBoundModel(BoundModel):
             if gradients is None:
                 raise self._disconnected()
             return gradients[:, None]
-        try:
-            gradients = tape.batch_jacobian(scores, activations, experimental_use_pfor=True)
-        except Exception:  # pfor cannot vectorise some op: one backward per target
-            rows = [tape.gradient(column, activations) for column in columns]
-            if any(row is None for row in rows):
-                raise self._disconnected() from None
-            return tf.stack(rows, axis=1)
-        if gradients is None:
+        if len(columns) > _PFOR_FROM_TARGETS:
+            try:
+                gradients = tape.batch_jacobian(scores, activations, experimental_use_pfor=True)
+            except Exception:  # pfor cannot vectorise some op: one backward per target
+                gradients = None
+            if gradients is not None:
+                return gradients
+        # One backward per target over the same tape: the forward pass is still shared.
+        rows = [tape.gradient(column, activations) for column in columns]
+        if any(row is None for row in rows):
             raise self._disconnected()
-        return gradients
+        return tf.stack(rows, axis=1)
 
     def _disconnected(self) -> LayerError:
         return LayerError(

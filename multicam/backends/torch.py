@@ -20,6 +20,7 @@ own code raises propagates unchanged, with a note.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -42,7 +43,7 @@ from .base import (
     LayerGradients,
     check_finite,
     check_finite_input,
-    forward_error,
+    forward_errors,
     make_layer_gradients,
     replacement_activations,
 )
@@ -164,6 +165,19 @@ class TorchBoundModel(BoundModel):
             )
         return "Check the input's spatial size: the model may need a fixed one."
 
+    def _forward_errors(self, x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
+        """How a failure of the model's forward on ``x`` reaches the user."""
+        return forward_errors(
+            packages=("torch",),
+            framework="torch",
+            input_shape=tuple(x.shape),
+            input_dtype=x.dtype,
+            expected="channels-first input (N, C, *spatial)",
+            note=f"multicam: raised by the model's forward on an input of shape "
+            f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial).",
+            hint=lambda: self._input_hint(x),
+        )
+
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         x = self._as_tensor(inputs)
         captured: list[torch.Tensor] = []
@@ -186,25 +200,8 @@ class TorchBoundModel(BoundModel):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            with torch.inference_mode(False), torch.no_grad():
+            with self._forward_errors(x), torch.inference_mode(False), torch.no_grad():
                 outputs = self.model(x)
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("torch",),
-                framework="torch",
-                input_shape=tuple(x.shape),
-                input_dtype=x.dtype,
-                expected="channels-first input (N, C, *spatial)",
-                hint=self._input_hint(x),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
-                f"multicam: raised by the model's forward on an input of shape "
-                f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
-            )
-            raise
         finally:
             handle.remove()
         if not captured and isinstance(self.model, torch.fx.GraphModule):
@@ -293,26 +290,8 @@ class TorchBoundModel(BoundModel):
 
     def _plain_forward(self, x: torch.Tensor) -> np.ndarray:
         """One forward without gradients; framework errors become :class:`InputError`."""
-        try:
-            with torch.inference_mode(False), torch.no_grad():
-                outputs = self.model(x)
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("torch",),
-                framework="torch",
-                input_shape=tuple(x.shape),
-                input_dtype=x.dtype,
-                expected="channels-first input (N, C, *spatial)",
-                hint=self._input_hint(x),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
-                f"multicam: raised by the model's forward on an input of shape "
-                f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
-            )
-            raise
+        with self._forward_errors(x), torch.inference_mode(False), torch.no_grad():
+            outputs = self.model(x)
         if not isinstance(outputs, torch.Tensor):
             raise TargetError(
                 f"the model returned {type(outputs).__name__}; models with several outputs "
@@ -340,26 +319,9 @@ class TorchBoundModel(BoundModel):
                 "pass floating-point input."
             )
         x = x.detach().requires_grad_(True)
-        try:
-            with torch.inference_mode(False), torch.enable_grad(), _GuidedReLUs():
-                outputs = self.model(x)
-        except Exception as exc:
-            error = forward_error(
-                exc,
-                packages=("torch",),
-                framework="torch",
-                input_shape=tuple(x.shape),
-                input_dtype=x.dtype,
-                expected="channels-first input (N, C, *spatial)",
-                hint=self._input_hint(x),
-            )
-            if error is not None:
-                raise error from exc
-            exc.add_note(
-                f"multicam: raised by the model's forward on an input of shape "
-                f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial)."
-            )
-            raise
+        guided = _GuidedReLUs()
+        with self._forward_errors(x), torch.inference_mode(False), torch.enable_grad(), guided:
+            outputs = self.model(x)
         outputs = targets.select_output(outputs)
         if not isinstance(outputs, torch.Tensor):
             raise TargetError(
