@@ -188,27 +188,7 @@ class TensorFlowBoundModel(BoundModel):
                 restore()
             activations = self._recorded_activations(record)
             outputs = self._single_output(targets.select_output(outputs))
-            if targets.kind == "score":
-                assert targets.score_fn is not None
-                scores = tf.convert_to_tensor(targets.score_fn(outputs))
-                if tuple(scores.shape) != (input_shape[0],):
-                    raise TargetError(
-                        f"the target score function returned shape {tuple(scores.shape)} for "
-                        f"a batch of {input_shape[0]}; it must return one score per sample, "
-                        f"shape ({input_shape[0]},)."
-                    )
-                scores = scores[:, None]
-                class_ids = None
-            elif targets.kind == "region":
-                class_axis = 1 if self.layout == "channels_first" else -1
-                weights = targets.output_weights(tuple(outputs.shape), class_axis)
-                weighted = outputs[:, None] * tf.cast(weights, outputs.dtype)
-                scores = tf.reduce_sum(tf.reshape(weighted, (*weights.shape[:2], -1)), -1)
-                class_ids = targets.class_ids(tuple(outputs.shape))
-            else:
-                values = tf.cast(outputs, tf.float32).numpy()
-                class_ids = targets.class_ids(tuple(outputs.shape), values)
-                scores = tf.gather(outputs, class_ids, axis=1, batch_dims=1)
+            scores, class_ids = _target_scores(outputs, targets, self.layout)
             # Per-target columns, recorded now for the fallback of _backward (cheap).
             columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
         try:
@@ -326,7 +306,7 @@ class TensorFlowBoundModel(BoundModel):
             finally:
                 restore()
             outputs = self._single_output(targets.select_output(outputs))
-            scores, class_ids = _guided_scores(outputs, targets, self.layout)
+            scores, class_ids = _target_scores(outputs, targets, self.layout)
             columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
         try:
             gradients = self._backward(tape, scores, columns, x)
@@ -737,8 +717,11 @@ _GUIDED_LOCAL = threading.local()
 _GUIDED_PATCHES: dict[tuple[int, str], list[Any]] = {}
 
 
-def _guided_scores(outputs: Any, targets: Targets, layout: Layout) -> tuple[Any, Any]:
-    """``(N, T)`` scores of ``outputs`` for ``targets`` and their class ids (or None)."""
+def _target_scores(outputs: Any, targets: Targets, layout: Layout) -> tuple[Any, Any]:
+    """``(N, T)`` scores of ``outputs`` for ``targets`` and their class ids (or None).
+
+    Called inside the gradient tape, so the scores are differentiable.
+    """
     import tensorflow as tf
 
     n = int(outputs.shape[0])
