@@ -11,6 +11,7 @@ import contextlib
 import functools
 import importlib
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -93,3 +94,17 @@ def explain(
     ``inputs`` is channels-last; explainers are cached so property tests stay fast.
     """
     return _explainer(framework, arch, seed, layer)(native_input(framework, inputs), **call)
+
+
+@pytest.fixture(autouse=True)
+def _seed_frameworks() -> None:
+    """Seed every imported framework before each test.
+
+    Randomly built models are then the same on every run, so no test depends on an unlucky
+    initialisation. Imports nothing.
+    """
+    np.random.seed(0)
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
+    if "keras" in sys.modules:
+        sys.modules["keras"].utils.set_random_seed(0)
