@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import algebra
-from .backends import Backend, BoundModel, LayerGradients, backend_for, get_backend
+from .backends import Backend, BoundModel, LayerGradients, resolve_backend
 from .backends.base import check_finite
 from .diagnose import Diagnosis, diagnose, warn_if_blank
 from .errors import InputError, OptionError
@@ -176,13 +176,7 @@ class CAM:
     ) -> None:
         self.output = output
         self.reshape = None if reshape is None else TokenGrid.of(reshape)
-        if backend is None:
-            chosen = backend_for(model)
-        elif isinstance(backend, str):
-            chosen = get_backend(backend)
-        else:
-            chosen = backend
-        self.bound: BoundModel = chosen.bind(model, layer, **options)
+        self.bound: BoundModel = resolve_backend(model, backend).bind(model, layer, **options)
 
     @property
     def backend(self) -> str:

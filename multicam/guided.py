@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from . import algebra
-from .backends import Backend, BoundModel, backend_for, get_backend
+from .backends import Backend, BoundModel, resolve_backend
 from .backends.base import check_finite
 from .errors import InputError, LayerError, OptionError
 from .targets import TargetLike, Targets
@@ -245,12 +245,7 @@ class GuidedGradCAM:
 def _bind(
     model: Any, layer: Any, backend: str | Backend | None, options: dict[str, Any], need_layer: bool
 ) -> BoundModel:
-    if backend is None:
-        chosen = backend_for(model)
-    elif isinstance(backend, str):
-        chosen = get_backend(backend)
-    else:
-        chosen = backend
+    chosen = resolve_backend(model, backend)
     if layer is None:
         if need_layer:
             raise LayerError("Guided Grad-CAM needs the Grad-CAM layer: pass layer=.")

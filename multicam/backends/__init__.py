@@ -27,6 +27,7 @@ __all__ = [
     "available_backends",
     "backend_for",
     "get_backend",
+    "resolve_backend",
     "make_layer_gradients",
 ]
 
@@ -147,6 +148,19 @@ def backend_for(model: Any) -> Backend:
         "Pass backend=... to choose one explicitly, or register a third-party backend "
         f"under the {ENTRY_POINT_GROUP!r} entry-point group."
     )
+
+
+def resolve_backend(model: Any, backend: str | Backend | None) -> Backend:
+    """The backend an explainer uses.
+
+    Detected from ``model`` when ``backend`` is ``None``, looked up by name when it is a
+    string, or the given :class:`Backend` itself.
+    """
+    if backend is None:
+        return backend_for(model)
+    if isinstance(backend, str):
+        return get_backend(backend)
+    return backend
 
 
 def available_backends() -> list[str]:
