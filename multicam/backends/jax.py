@@ -237,14 +237,7 @@ class JaxBoundModel(BoundModel):
 
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         x = self._prepare(inputs)
-        classes = None
-        if targets.kind == "classes":
-            assert targets.classes is not None
-            classes = np.asarray(targets.classes, dtype=np.int32)
-        score_fn = None
-        if targets.kind == "score":
-            assert targets.score_fn is not None
-            score_fn = _ById(targets.score_fn)
+        classes, score_fn = _target_arguments(targets)
         masks = None
         if targets.kind == "region":
             classes = np.asarray(targets.class_ids(()), dtype=np.int32)
@@ -359,14 +352,7 @@ class JaxBoundModel(BoundModel):
                 f"guided backpropagation differentiates the input, which has dtype {x.dtype}; "
                 "pass floating-point input."
             )
-        classes = None
-        if targets.kind == "classes":
-            assert targets.classes is not None
-            classes = np.asarray(targets.classes, dtype=np.int32)
-        score_fn = None
-        if targets.kind == "score":
-            assert targets.score_fn is not None
-            score_fn = _ById(targets.score_fn)
+        classes, score_fn = _target_arguments(targets)
         dynamic, static = self._arguments()
         with self._forward_errors(x, " during guided backpropagation"), _guided_relus():
             if targets.kind == "region":  # masks are constants of the trace: no cache
@@ -580,6 +566,23 @@ class JaxBoundModel(BoundModel):
             out,
             None if mode == "classes" else classes,
         )
+
+
+def _target_arguments(targets: Targets) -> tuple[np.ndarray | None, _ById | None]:
+    """The jitted functions' target arguments: explicit class ids and a callable target.
+
+    Class ids are a dynamic array, so new classes do not recompile; a callable is static,
+    compared by identity.
+    """
+    classes = None
+    if targets.kind == "classes":
+        assert targets.classes is not None
+        classes = np.asarray(targets.classes, dtype=np.int32)
+    score_fn = None
+    if targets.kind == "score":
+        assert targets.score_fn is not None
+        score_fn = _ById(targets.score_fn)
+    return classes, score_fn
 
 
 def _layout_hint(shape: tuple[int, ...]) -> str:

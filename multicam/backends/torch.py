@@ -217,12 +217,7 @@ class TorchBoundModel(BoundModel):
                 "a module that is not shared)."
             )
         activations = captured[0]
-        outputs = targets.select_output(outputs)
-        if not isinstance(outputs, torch.Tensor):
-            raise TargetError(
-                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
-                "tensor output with output=."
-            )
+        outputs = _chosen_output(outputs, targets)
         with torch.enable_grad():
             scores, classes = _target_scores(outputs, targets)
             if not scores.requires_grad:
@@ -322,12 +317,7 @@ class TorchBoundModel(BoundModel):
         guided = _GuidedReLUs()
         with self._forward_errors(x), torch.inference_mode(False), torch.enable_grad(), guided:
             outputs = self.model(x)
-        outputs = targets.select_output(outputs)
-        if not isinstance(outputs, torch.Tensor):
-            raise TargetError(
-                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
-                "tensor output with output=."
-            )
+        outputs = _chosen_output(outputs, targets)
         with torch.enable_grad():
             scores, classes = _target_scores(outputs, targets)
             if not scores.requires_grad:
@@ -343,6 +333,17 @@ class TorchBoundModel(BoundModel):
             layer_name="input",
             outputs=outputs.detach().float().cpu().numpy(),
         )
+
+
+def _chosen_output(outputs: Any, targets: Targets) -> torch.Tensor:
+    """The output ``targets`` asks for (see ``Targets.select_output``), as one tensor."""
+    chosen = targets.select_output(outputs)
+    if not isinstance(chosen, torch.Tensor):
+        raise TargetError(
+            f"the chosen output is a {type(chosen).__name__}, not a tensor; choose a "
+            "tensor output with output=."
+        )
+    return chosen
 
 
 def _target_scores(
