@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import itertools
 import sys
 import time
 from collections.abc import Sequence
@@ -27,7 +26,7 @@ import numpy as np
 from . import zoo
 from .cam import CAMResult, GradCAM
 from .errors import MulticamError
-from .testing import MAPS_ATOL, RAW_RTOL, assert_results_agree, check_against_oracle
+from .testing import MAPS_ATOL, RAW_RTOL, agreement_report, check_against_oracle
 
 
 def _timed(explainer: GradCAM, inputs: np.ndarray, repeats: int) -> tuple[CAMResult, float]:
@@ -68,13 +67,10 @@ def compare(
                 f"  {framework:<10}{result.backend:<12}{1e3 * seconds:>12.2f}"
                 f"{max(errors.values()):>14.2e}"
             )
-        for (name_a, a), (name_b, b) in itertools.combinations(results.items(), 2):
-            try:
-                (agreement,) = assert_results_agree({name_a: a, name_b: b})
-                verdict = f"raw {agreement.raw:.1e}, maps {agreement.maps:.1e}: agree"
-            except AssertionError as exc:
-                ok, verdict = False, f"DISAGREE: {exc}"
-            print(f"  {name_a} ~ {name_b}: {verdict}")
+        agreed, lines = agreement_report(results)
+        ok = ok and agreed
+        for line in lines:
+            print(f"  {line}")
     return ok
 
 

@@ -32,6 +32,7 @@ from .zoo import numpy as zoo_numpy
 
 __all__ = [
     "Agreement",
+    "agreement_report",
     "assert_results_agree",
     "check_against_oracle",
     "check_backend",
@@ -110,6 +111,24 @@ def assert_results_agree(
             )
         agreements.append(agreement)
     return agreements
+
+
+def agreement_report(results: Mapping[str, CAMResult]) -> tuple[bool, list[str]]:
+    """Compare every pair of results, for printing.
+
+    Returns:
+        Whether all pairs agree (:func:`assert_results_agree`'s tolerances), and one line
+        per pair: ``"a ~ b: raw 1.0e-06, maps 2.0e-06: agree"`` or ``"a ~ b: DISAGREE: ..."``.
+    """
+    ok, lines = True, []
+    for (name_a, a), (name_b, b) in itertools.combinations(results.items(), 2):
+        try:
+            (agreement,) = assert_results_agree({name_a: a, name_b: b})
+            verdict = f"raw {agreement.raw:.1e}, maps {agreement.maps:.1e}: agree"
+        except AssertionError as exc:
+            ok, verdict = False, f"DISAGREE: {exc}"
+        lines.append(f"{name_a} ~ {name_b}: {verdict}")
+    return ok, lines
 
 
 def check_against_oracle(

@@ -20,7 +20,7 @@ import numpy as np
 
 from .. import zoo
 from ..cam import CAMResult
-from ..testing import assert_results_agree
+from ..testing import agreement_report
 
 __all__ = ["LAYER", "load", "run"]
 
@@ -98,13 +98,8 @@ def run(
     names = list(results)
     if len(names) < 2:
         say("  only one framework installed: nothing to compare")
-    for a_index, a in enumerate(names):
-        for b in names[a_index + 1 :]:
-            try:
-                (agreement,) = assert_results_agree({a: results[a], b: results[b]})
-                say(f"  {a:>6} ~ {b:<6} raw {agreement.raw:.1e}  maps {agreement.maps:.1e}  agree")
-            except AssertionError as exc:
-                say(f"  {a:>6} ~ {b:<6} DISAGREE: {exc}")
+    for line in agreement_report(results)[1]:
+        say(f"  {line}")
 
     reference = results[names[0]]
     diagnosis = reference.diagnose()
