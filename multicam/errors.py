@@ -14,12 +14,16 @@ from collections.abc import Iterable
 __all__ = [
     "BackendError",
     "BackendNotInstalledError",
+    "GuidedWarning",
     "InputError",
     "LayerError",
+    "LayoutWarning",
     "MulticamError",
+    "MulticamWarning",
     "NonFiniteError",
     "OptionError",
     "TargetError",
+    "TrainingModeWarning",
     "UnsupportedModelError",
 ]
 
@@ -58,6 +62,22 @@ class OptionError(MulticamError, ValueError):
 
 class NonFiniteError(MulticamError, FloatingPointError):
     """NaN or Inf appeared in the input, the activations, the gradients or the scores."""
+
+
+class MulticamWarning(UserWarning):
+    """Base class of every warning multicam issues; ``warn=False`` on a call silences them."""
+
+
+class TrainingModeWarning(MulticamWarning):
+    """The model was left in training mode; multicam explained it in inference mode."""
+
+
+class LayoutWarning(MulticamWarning):
+    """multicam guessed where a layer's channel axis is; pass ``layer_layout=`` to state it."""
+
+
+class GuidedWarning(MulticamWarning):
+    """Guided backpropagation found nonlinearities it cannot guide (SiLU, GELU, ...)."""
 
 
 def nearest_names(name: str, candidates: Iterable[str], n: int = 5) -> str:

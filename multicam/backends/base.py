@@ -66,6 +66,15 @@ class LayerGradients:
             ``None`` when the input has no spatial layout the layer's can be matched to.
         outputs: the model's outputs, e.g. ``(N, C)`` logits or probabilities, when the
             backend provides them (diagnostics use them to spot softmax heads).
+        training: the parts of the model (module or layer names, with their kind, e.g.
+            ``"features.bn1 (BatchNorm2d)"``) that the user left in training mode and that
+            the backend ran in inference mode for this call (then restored); empty when the
+            model was already in inference mode.
+        guided_relus: guided backpropagation only: how many ReLU calls the forward pass
+            guided; ``None`` for ordinary gradients.
+        unguided_activations: guided backpropagation only: the kinds of other
+            nonlinearities the forward pass ran through, which guided backpropagation
+            cannot guide (e.g. ``("SiLU", "GELU")``), sorted, each once.
     """
 
     activations: np.ndarray
@@ -74,6 +83,9 @@ class LayerGradients:
     targets: np.ndarray | None
     input_spatial_shape: tuple[int, ...] | None
     outputs: np.ndarray | None = None
+    training: tuple[str, ...] = ()
+    guided_relus: int | None = None
+    unguided_activations: tuple[str, ...] = ()
 
 
 class BoundModel(abc.ABC):
@@ -199,6 +211,9 @@ def make_layer_gradients(
     input_shape: Sequence[int],
     layer_name: str,
     outputs: Any = None,
+    training: Sequence[str] = (),
+    guided_relus: int | None = None,
+    unguided_activations: Sequence[str] = (),
 ) -> LayerGradients:
     """Validate a backend's raw arrays and put them in the canonical layout.
 
@@ -211,6 +226,7 @@ def make_layer_gradients(
         input_shape: the full shape of the input batch.
         layer_name: for messages.
         outputs: the model's outputs, NumPy-convertible, or ``None``.
+        training, guided_relus, unguided_activations: see :class:`LayerGradients`.
 
     Raises:
         LayerError: the layer's output has no spatial dims.
@@ -251,6 +267,9 @@ def make_layer_gradients(
         targets,
         None if spatial is None else tuple(spatial),
         None if outputs is None else np.asarray(outputs, dtype=np.float32),
+        tuple(training),
+        guided_relus,
+        tuple(sorted(set(unguided_activations))),
     )
 
 
