@@ -226,7 +226,9 @@ def make_layer_gradients(
         input_shape: the full shape of the input batch.
         layer_name: for messages.
         outputs: the model's outputs, NumPy-convertible, or ``None``.
-        training, guided_relus, unguided_activations: see :class:`LayerGradients`.
+        training: see :class:`LayerGradients`.
+        guided_relus: see :class:`LayerGradients`.
+        unguided_activations: see :class:`LayerGradients`.
 
     Raises:
         LayerError: the layer's output has no spatial dims.
