@@ -177,28 +177,49 @@ def resize(
     return np.ascontiguousarray(out)
 
 
-def normalize(maps: np.ndarray, spatial_dims: int, eps: float = 1e-8) -> np.ndarray:
+#: Default relative tolerance of :func:`normalize`: a map whose range is at most this
+#: fraction of its largest absolute value is constant up to float32 round-off (4 ulps).
+CONSTANT_RTOL = float(4 * np.finfo(np.float32).eps)
+
+
+def normalize(maps: np.ndarray, spatial_dims: int, eps: float = CONSTANT_RTOL) -> np.ndarray:
     """Min-max normalise each map to ``[0, 1]`` over its trailing ``spatial_dims`` axes.
 
-    A map whose range is at most ``eps`` (e.g. all zero after the ReLU) becomes all zeros,
-    never NaN.
+    Scale-free: ``normalize(c * maps) == normalize(maps)`` for every ``c > 0`` from 1e-30 to
+    1e30 (Grad-CAM is homogeneous in the activations' scale, and a randomly initialised
+    network can have activations near 1e-13). A map is constant, and becomes all zeros
+    (never NaN), only when its range is at most ``eps`` times its own largest absolute
+    value: all zero after the ReLU, or flat within a few float32 ulps.
 
     Args:
         maps: ``(..., *S)``.
         spatial_dims: ``len(S)``.
-        eps: smallest range that is still normalised.
+        eps: relative tolerance: a range at most ``eps * max|map|`` counts as constant.
 
     Returns:
         float32 array of the same shape, each map in ``[0, 1]``.
+
+    Example:
+        >>> m = np.array([[0.0, 1e-13], [2e-13, 4e-13]])
+        >>> normalize(m, 2).tolist()
+        [[0.0, 0.25], [0.5, 1.0]]
+        >>> normalize(np.full((2, 2), 3.0), 2).tolist()
+        [[0.0, 0.0], [0.0, 0.0]]
     """
     axes = tuple(range(maps.ndim - spatial_dims, maps.ndim))
-    low = maps.min(axis=axes, keepdims=True)
-    span = maps.max(axis=axes, keepdims=True) - low
-    wide = span > eps
-    # Per-map scale on the small (..., 1, 1) array; flat maps get scale 0, hence zeros.
-    scale = np.where(wide, 1.0 / np.where(wide, span, 1.0), 0.0).astype(np.float32)
-    out = np.subtract(maps, low, dtype=np.float32)
-    out *= scale
+    low = maps.min(axis=axes, keepdims=True).astype(np.float64)
+    high = maps.max(axis=axes, keepdims=True).astype(np.float64)
+    span = high - low
+    magnitude = np.maximum(np.abs(low), np.abs(high))
+    wide = span > eps * magnitude
+    # Per-map scale on the small (..., 1, 1) array in float64, where 1 / span cannot
+    # overflow for any float32 span (even a subnormal one); flat maps get scale 0: zeros.
+    scale = np.where(wide, 1.0 / np.where(wide, span, 1.0), 0.0)
+    out = np.subtract(maps, low.astype(np.float32), dtype=np.float32)
+    if np.all(scale < np.finfo(np.float32).max):
+        out *= scale.astype(np.float32)
+    else:  # a subnormal range: divide in float64, map by map
+        out = (out.astype(np.float64) * scale).astype(np.float32)
     return np.clip(out, 0.0, 1.0, out=out)
 
 

@@ -8,6 +8,7 @@ says how channel weights come from the gradients (:meth:`CAM.channel_weights`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,8 @@ import numpy as np
 from . import algebra
 from .backends import Backend, BoundModel, LayerGradients, resolve_backend
 from .backends.base import check_finite
-from .diagnose import Diagnosis, diagnose, warn_if_blank
-from .errors import InputError, OptionError
+from .diagnose import Diagnosis, diagnose, warn_if_blank, warn_training
+from .errors import InputError, LayerError, LayoutWarning, OptionError
 from .targets import TargetLike, Targets
 
 __all__ = [
@@ -37,6 +38,18 @@ __all__ = [
 ]
 
 _INTERPOLATIONS = ("bilinear", "linear", "trilinear", "nearest")
+_LAYER_LAYOUTS = ("auto", "channels_first", "channels_last")
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One explained forward/backward pass, as the algebra left it."""
+
+    layer_gradients: LayerGradients
+    weights: np.ndarray
+    raw: np.ndarray
+    layer_layout: str
+    dropped: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +72,15 @@ class CAMResult:
         layer: the layer's name.
         backend: the backend's name.
         outputs: the model's outputs, e.g. ``(N, C)``, when the backend provides them.
+        training: the parts of the model that were left in training mode and were run in
+            inference mode for this call (see :attr:`LayerGradients.training`); empty when
+            the model was in inference mode.
+        layer_layout: where the layer's channel axis was read: ``"channels_first"`` or
+            ``"channels_last"`` (its output as the layer returned it).
+        request: the parsed target request (class ids, a region, or a score function).
+        dropped_token_gradients: for a token layer explained with ``reshape=``: ``(N, T)``
+            the largest absolute gradient on the dropped prefix (class/register) tokens;
+            ``None`` otherwise.
     """
 
     maps: np.ndarray
@@ -71,6 +93,10 @@ class CAMResult:
     layer: str
     backend: str
     outputs: np.ndarray | None = None
+    training: tuple[str, ...] = ()
+    layer_layout: str = "channels_first"
+    request: Targets | None = None
+    dropped_token_gradients: np.ndarray | None = None
 
     def diagnose(self) -> Diagnosis:
         """Explain what the maps show, and why a map is blank, with the numbers behind it.
@@ -109,12 +135,37 @@ class TokenGrid:
         return cls(tuple(int(s) for s in shape))
 
     def apply(self, layer_gradients: LayerGradients, layout: str) -> LayerGradients:
-        """Turn token activations and gradients into channels-first grids ``(N, D, *grid)``."""
+        """Turn token activations and gradients into channels-first grids ``(N, D, *grid)``.
+
+        A layer whose output already has the grid's rank (e.g. a Swin stage returning
+        ``(N, H, W, C)``) is read as channels-last when ``(H, W)`` is the grid.
+        """
+        return self.split(layer_gradients, layout)[0]
+
+    def split(
+        self, layer_gradients: LayerGradients, layout: str
+    ) -> tuple[LayerGradients, np.ndarray | None]:
+        """:meth:`apply`, and ``(N, T)`` the largest |gradient| on the dropped prefix tokens.
+
+        The second value is ``None`` when no token was dropped.
+        """
         activations, gradients = layer_gradients.activations, layer_gradients.gradients
+        if activations.ndim == len(self.shape) + 2:  # already a grid: which axis is D?
+            if activations.shape[2:] == self.shape:
+                return layer_gradients, None
+            as_last = swap_layout(layer_gradients, layout)
+            if as_last.activations.shape[2:] == self.shape:
+                return as_last, None
+            raise OptionError(
+                f"reshape={self.shape}: the layer's output already has {len(self.shape)} "
+                f"spatial dims (shape {_native_shape(activations, layout)} as the layer "
+                f"returned it), and neither its leading nor its trailing dims are "
+                f"{self.shape}; drop reshape= or pass layer_layout=."
+            )
         if activations.ndim != 3:
             raise OptionError(
                 f"reshape= expects a token sequence (N, L, D); the layer's output has "
-                f"{activations.ndim} dims (shape {activations.shape} channels-first)."
+                f"{activations.ndim} dims (shape {_native_shape(activations, layout)})."
             )
         if layout == "channels_last":  # the backend moved D forward: (N, D, L) -> (N, L, D)
             activations = np.moveaxis(activations, 1, -1)
@@ -133,11 +184,111 @@ class TokenGrid:
         n, t = gradients.shape[:2]
         grid_a = activations[:, prefix:].reshape(n, *self.shape, -1)
         grid_g = gradients[:, :, prefix:].reshape(n, t, *self.shape, -1)
-        return dataclasses.replace(
-            layer_gradients,
-            activations=np.ascontiguousarray(np.moveaxis(grid_a, -1, 1)),
-            gradients=np.ascontiguousarray(np.moveaxis(grid_g, -1, 2)),
+        dropped = None
+        if prefix:
+            dropped = np.abs(gradients[:, :, :prefix]).reshape(n, t, -1).max(axis=-1)
+        return (
+            dataclasses.replace(
+                layer_gradients,
+                activations=np.ascontiguousarray(np.moveaxis(grid_a, -1, 1)),
+                gradients=np.ascontiguousarray(np.moveaxis(grid_g, -1, 2)),
+            ),
+            dropped,
         )
+
+
+def _native_shape(activations: np.ndarray, layout: str) -> tuple[int, ...]:
+    """The shape of the layer's output as the layer returned it (before channels-first)."""
+    shape = activations.shape
+    if layout == "channels_last":
+        return (shape[0], *shape[2:], shape[1])
+    return tuple(shape)
+
+
+def swap_layout(layer_gradients: LayerGradients, native: str) -> LayerGradients:
+    """Re-read a layer's output with its channel axis at the other end.
+
+    A backend puts the channel axis of every layer at ``native``'s place; a layer whose
+    output has it at the other end (a Swin block's ``(N, H, W, C)`` in torch) was read
+    wrongly. This undoes that reading: the result is channels-first again, with the true
+    channel axis.
+
+    Args:
+        layer_gradients: channels-first as the backend read them.
+        native: the backend's layout.
+    """
+    activations, gradients = layer_gradients.activations, layer_gradients.gradients
+    if native == "channels_first":  # read (N, H, W, C) as K=H: the true K is last
+        activations, gradients = np.moveaxis(activations, -1, 1), np.moveaxis(gradients, -1, 2)
+    else:  # moved (N, K, h, w)'s last axis forward: (N, w, K, h); undo
+        activations, gradients = np.moveaxis(activations, 1, -1), np.moveaxis(gradients, 2, -1)
+    return dataclasses.replace(
+        layer_gradients,
+        activations=np.ascontiguousarray(activations),
+        gradients=np.ascontiguousarray(gradients),
+    )
+
+
+def _consistent(spatial: Sequence[int], input_spatial: Sequence[int]) -> bool:
+    """Whether a layer's spatial shape is the input's, downsampled alike on every axis."""
+    if len(spatial) != len(input_spatial) or min(spatial) < 1:
+        return False
+    strides = [i / s for i, s in zip(input_spatial, spatial, strict=True)]
+    return max(strides) <= 1.5 * min(strides) and min(strides) >= 0.5
+
+
+def guess_layer_layout(layer_gradients: LayerGradients, native: str) -> tuple[str, str | None]:
+    """Where a layer's channel axis most likely is, and why, when it is not ``native``.
+
+    A backend reads every layer in its framework's layout. Some layers break it (a Swin
+    block in torch returns ``(N, H, W, C)``). The evidence is the input's shape: the true
+    spatial dims are the input's, each downsampled by about the same stride. When the
+    native reading fails that test and the other one passes, the other is likely right.
+
+    Returns:
+        ``(layout, reason)``: ``reason`` is ``None`` when the native reading stands.
+    """
+    activations = layer_gradients.activations
+    input_spatial = layer_gradients.input_spatial_shape
+    if activations.ndim < 4 or input_spatial is None or len(input_spatial) != activations.ndim - 2:
+        return native, None
+    other = "channels_last" if native == "channels_first" else "channels_first"
+    native_spatial = activations.shape[2:]
+    other_spatial = swap_layout(layer_gradients, native).activations.shape[2:]
+    if _consistent(native_spatial, input_spatial) or not _consistent(other_spatial, input_spatial):
+        return native, None
+    shape = _native_shape(activations, native)
+    reason = (
+        f"its output {shape} read {native.replace('_', '-')} would give "
+        f"{activations.shape[1]} channels on a {'x'.join(map(str, native_spatial))} grid, "
+        f"which does not match the input's {'x'.join(map(str, input_spatial))}; read "
+        f"{other.replace('_', '-')} it is a {'x'.join(map(str, other_spatial))} grid of "
+        f"{swap_layout(layer_gradients, native).activations.shape[1]} channels"
+    )
+    return other, reason
+
+
+def _token_hint(activations: np.ndarray, layout: str, input_spatial: Sequence[int]) -> str:
+    """A ``reshape=`` suggestion for a token sequence ``(N, L, D)``, or ``""``."""
+    native = _native_shape(activations, layout)
+    tokens = native[1]
+    ratio = input_spatial[0] / input_spatial[1] if len(input_spatial) == 2 else 1.0
+    for prefix in range(0, 9):
+        cells = tokens - prefix
+        if cells < 1:
+            break
+        for h in range(1, cells + 1):
+            if cells % h == 0 and abs(h / (cells // h) - ratio) < 1e-9:
+                grid = (h, cells // h)
+                if prefix in (0, 1):
+                    return (
+                        f" e.g. reshape={grid} ({tokens} = {cells} patch tokens + {prefix} prefix)"
+                    )
+                return (
+                    f" e.g. reshape=mc.TokenGrid({grid}, prefix_tokens={prefix}) "
+                    f"({tokens} = {cells} patch tokens + {prefix} prefix tokens)"
+                )
+    return ""
 
 
 class CAM:
@@ -156,6 +307,11 @@ class CAM:
         reshape: for a transformer layer whose output is a token sequence ``(N, L, D)``
             (batch first), the grid its patch tokens form: ``(h, w)`` (a leading class
             token, when ``L = h w + 1``, is dropped) or a :class:`TokenGrid`.
+        layer_layout: where the layer's output keeps its channels: ``"auto"`` (default:
+            the framework's layout, unless the input's shape shows otherwise, which is
+            then said in a :class:`~multicam.errors.LayoutWarning`), ``"channels_first"``
+            ``(N, C, *S)`` or ``"channels_last"`` ``(N, *S, C)`` (e.g. a Swin block in
+            torch).
         **options: passed to the backend, e.g. ``variables=`` for Flax linen.
 
     Raises:
@@ -172,10 +328,14 @@ class CAM:
         backend: str | Backend | None = None,
         output: int | str | None = None,
         reshape: TokenGrid | Sequence[int] | None = None,
+        layer_layout: str = "auto",
         **options: Any,
     ) -> None:
+        if layer_layout not in _LAYER_LAYOUTS:
+            raise OptionError(f"layer_layout={layer_layout!r}: expected one of {_LAYER_LAYOUTS}.")
         self.output = output
         self.reshape = None if reshape is None else TokenGrid.of(reshape)
+        self.layer_layout = layer_layout
         self.bound: BoundModel = resolve_backend(model, backend).bind(model, layer, **options)
 
     @property
@@ -211,7 +371,7 @@ class CAM:
         size: str | int | Sequence[int] | None = "input",
         interpolation: str = "bilinear",
         align_corners: bool = False,
-        eps: float = 1e-8,
+        eps: float = algebra.CONSTANT_RTOL,
         warn: bool = True,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
@@ -233,7 +393,10 @@ class CAM:
             interpolation: ``"bilinear"`` (``"linear"``, ``"trilinear"``: the same rule in
                 any number of dims) or ``"nearest"``; see :mod:`multicam.algebra`.
             align_corners: linear interpolation mapping corner pixels onto each other.
-            eps: maps whose range is at most ``eps`` normalise to zeros.
+            eps: relative tolerance of the normalisation: a map whose range is at most
+                ``eps`` times its largest absolute value is constant and becomes zeros
+                (default: 4 float32 ulps). Scale-free: maps near 1e-13 normalise like
+                maps near 1.
             warn: warn (:class:`~multicam.diagnose.BlankMapWarning`) when a map is blank
                 after the ReLU; ``result.diagnose()`` says why.
             eigen_smooth: replace the weighted sum by the first principal component of the
@@ -266,9 +429,10 @@ class CAM:
             )
         parsed = Targets.parse(targets, n, output=self.output)
         if aug_smooth:
-            layer_gradients, weights, raw = self._augmented(inputs, parsed, eigen_smooth)
+            explained = self._augmented(inputs, parsed, eigen_smooth, warn)
         else:
-            layer_gradients, weights, raw = self._signed(inputs, parsed, eigen_smooth)
+            explained = self._signed(inputs, parsed, eigen_smooth, warn)
+        layer_gradients, weights, raw = explained.layer_gradients, explained.weights, explained.raw
         maps = algebra.relu(raw) if relu else raw
         out_size = self._output_size(size, layer_gradients)
         if out_size is not None:
@@ -287,47 +451,100 @@ class CAM:
             layer=self.layer,
             backend=self.backend,
             outputs=layer_gradients.outputs,
+            training=layer_gradients.training,
+            layer_layout=explained.layer_layout,
+            request=parsed,
+            dropped_token_gradients=explained.dropped,
         )
-        if warn and relu:
-            warn_if_blank(result)
+        if warn:
+            warn_training(result.training, result.backend)
+            if relu:
+                warn_if_blank(result)
         return result
 
-    def _signed(
-        self, inputs: Any, targets: Targets, eigen_smooth: bool
-    ) -> tuple[LayerGradients, np.ndarray, np.ndarray]:
+    def _signed(self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool) -> _Pass:
         """One backend call: the layer gradients, channel weights and signed map."""
         layer_gradients = self.bound.gradients(inputs, targets)
-        if self.reshape is not None:
-            layer_gradients = self.reshape.apply(layer_gradients, self.bound.layout)
+        layer_gradients, layer_layout, dropped = self._to_grid(layer_gradients, warn)
         weights, raw = self.combine(layer_gradients)
         if eigen_smooth:
             raw = algebra.eigen_smooth(layer_gradients.activations, weights)
-        return layer_gradients, weights, raw
+        return _Pass(layer_gradients, weights, raw, layer_layout, dropped)
 
-    def _augmented(
-        self, inputs: Any, targets: Targets, eigen_smooth: bool
-    ) -> tuple[LayerGradients, np.ndarray, np.ndarray]:
+    def _to_grid(
+        self, layer_gradients: LayerGradients, warn: bool
+    ) -> tuple[LayerGradients, str, np.ndarray | None]:
+        """Channels-first activation grids from whatever the layer returned.
+
+        Applies ``reshape=`` to token sequences, ``layer_layout=`` (or the guessed layout)
+        to grids, and refuses a token sequence explained as if it were a 1-D signal.
+        """
+        native = self.bound.layout
+        if self.reshape is not None:
+            before = layer_gradients.activations.shape
+            grid, dropped = self.reshape.split(layer_gradients, native)
+            swapped = grid.activations.ndim == len(before) and grid.activations.shape != before
+            layout = native if not swapped else _other(native)
+            return grid, layout, dropped
+        activations = layer_gradients.activations
+        input_spatial = layer_gradients.input_spatial_shape
+        if activations.ndim == 3 and input_spatial is not None and len(input_spatial) >= 2:
+            raise LayerError(
+                f"layer {self.layer!r} outputs {_native_shape(activations, native)}, a "
+                f"sequence of tokens, not a {len(input_spatial)}-D grid like the input "
+                f"{tuple(input_spatial)}: a transformer block. Say how its tokens form a grid"
+                f" with reshape=(h, w) or reshape=mc.TokenGrid(...)"
+                f"{_token_hint(activations, native, input_spatial)}; a leading class token "
+                "is dropped."
+            )
+        if self.layer_layout == "auto":
+            layout, reason = guess_layer_layout(layer_gradients, native)
+            if reason is not None and warn:
+                warnings.warn(
+                    f"layer {self.layer!r} looks {layout.replace('_', '-')}: {reason}. "
+                    f"multicam reads it {layout.replace('_', '-')}; pass "
+                    f"layer_layout={layout!r} to say so and silence this warning (or "
+                    f"layer_layout={native!r} to keep the {self.backend} layout).",
+                    LayoutWarning,
+                    stacklevel=4,
+                )
+        else:
+            layout = self.layer_layout
+        if layout != native:
+            if activations.ndim < 4:
+                raise OptionError(
+                    f"layer_layout={layout!r} applies to a layer with spatial dims; layer "
+                    f"{self.layer!r} outputs {_native_shape(activations, native)}."
+                )
+            layer_gradients = swap_layout(layer_gradients, native)
+        return layer_gradients, layout, None
+
+    def _augmented(self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool) -> _Pass:
         """Test-time augmentation: the mean signed map over flips and brightness scales."""
         array = np.asarray(inputs.detach().cpu() if hasattr(inputs, "detach") else inputs)
         width_axis = -1 if self.bound.layout == "channels_first" else -2
         if targets.kind in ("predicted", "all"):  # fix the classes once, from the plain input
-            plain = self._signed(array, targets, eigen_smooth)[0]
+            plain = self._signed(array, targets, eigen_smooth, warn).layer_gradients
             assert plain.targets is not None
             targets = Targets.parse(plain.targets, targets.batch_size, output=self.output)
-        passes = []
+        passes: list[_Pass] = []
         for flip in (False, True):
             for scale in (0.9, 1.0, 1.1):
                 variant = np.flip(array, axis=width_axis) if flip else array
-                layer_gradients, weights, raw = self._signed(
+                explained = self._signed(
                     np.ascontiguousarray(variant * np.asarray(scale, array.dtype)),
                     targets,
                     eigen_smooth,
+                    warn and not passes,  # one layout warning, not six
                 )
-                passes.append((layer_gradients, weights, np.flip(raw, -1) if flip else raw))
-        layer_gradients = passes[1][0]  # unflipped, unscaled
-        weights = np.stack([w for _, w, _ in passes]).mean(axis=0, dtype=np.float64)
-        raw = np.stack([r for _, _, r in passes]).mean(axis=0, dtype=np.float64)
-        return layer_gradients, weights.astype(np.float32), raw.astype(np.float32)
+                raw = np.flip(explained.raw, -1) if flip else explained.raw
+                passes.append(dataclasses.replace(explained, raw=raw))
+        plain_pass = passes[1]  # unflipped, unscaled
+        weights = np.stack([p.weights for p in passes]).mean(axis=0, dtype=np.float64)
+        raw = np.stack([p.raw for p in passes]).mean(axis=0, dtype=np.float64)
+        return dataclasses.replace(
+            plain_pass, weights=weights.astype(np.float32), raw=raw.astype(np.float32)
+        )
 
     def _output_size(
         self, size: str | int | Sequence[int] | None, layer_gradients: LayerGradients
@@ -357,6 +574,10 @@ class CAM:
         return tuple(int(s) for s in shape)
 
 
+def _other(layout: str) -> str:
+    return "channels_last" if layout == "channels_first" else "channels_first"
+
+
 def _check_options(**options: Any) -> None:
     """Raise :class:`OptionError` for a flag that is not a bool or an eps that is not >= 0."""
     for name, value in options.items():
@@ -367,7 +588,10 @@ def _check_options(**options: Any) -> None:
                 or not np.isfinite(value)
                 or value < 0
             ):
-                raise OptionError(f"eps={value!r}: expected a finite number >= 0 (default 1e-8).")
+                raise OptionError(
+                    f"eps={value!r}: expected a finite number >= 0 (a relative tolerance, "
+                    f"default {algebra.CONSTANT_RTOL:.3g})."
+                )
         elif not isinstance(value, bool | np.bool_):
             raise OptionError(f"{name}={value!r}: expected True or False.")
 

@@ -22,10 +22,20 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from .errors import MulticamWarning, TrainingModeWarning
+
 if TYPE_CHECKING:
     from .cam import CAMResult
 
-__all__ = ["BlankMapWarning", "Diagnosis", "Finding", "MapReport", "blank_maps", "diagnose"]
+__all__ = [
+    "BlankMapWarning",
+    "Diagnosis",
+    "Finding",
+    "MapReport",
+    "blank_maps",
+    "diagnose",
+    "warn_training",
+]
 
 Severity = Literal["blank", "warning", "info"]
 
@@ -34,11 +44,13 @@ Severity = Literal["blank", "warning", "info"]
 NEARLY_BLANK = 1e-2
 #: Outputs whose rows lie in [0, 1] and sum to 1 within this are taken as probabilities.
 SOFTMAX_TOL = 1e-3
-#: A target probability at or above this is saturated.
+#: A target probability at or above this (or at or below 1 - this) is saturated: its
+#: slope p(1 - p) through the softmax or sigmoid is at most about 0.01.
 SATURATED = 0.99
+_FLAT_SLOPE = SATURATED * (1 - SATURATED)
 
 
-class BlankMapWarning(UserWarning):
+class BlankMapWarning(MulticamWarning):
     """Some maps are blank after the ReLU; ``result.diagnose()`` explains why."""
 
 
@@ -48,9 +60,10 @@ class Finding:
 
     Attributes:
         code: a stable identifier: ``blank``, ``nearly_blank``, ``mostly_negative``,
-            ``softmax_outputs``, ``saturated``, ``one_cell_layer``, ``coarse_layer``,
-            ``dead_activations``, ``zero_gradients``, ``signed_activations``,
-            ``non_finite``.
+            ``softmax_outputs``, ``sigmoid_outputs``, ``saturated``, ``one_cell_layer``,
+            ``coarse_layer``, ``dead_activations``, ``zero_gradients``,
+            ``class_token_only``, ``signed_activations``, ``training_mode``,
+            ``layout_guessed``, ``non_finite``.
         severity: ``"blank"`` (the map shows nothing), ``"warning"`` or ``"info"``.
         message: what was measured, with its numbers.
         suggestion: what to do about it.
@@ -197,6 +210,35 @@ def warn_if_blank(result: CAMResult, stacklevel: int = 3) -> None:
     )
 
 
+#: How to leave training mode, per backend, for messages.
+_EVAL_HINT = {
+    "torch": "call model.eval() before explaining",
+    "jax": "call model.eval() on an nnx module, or pass apply_kwargs={'train': False} "
+    "(or your module's flag) for a linen one",
+    "tensorflow": "nothing to do: Keras models are always called with training=False",
+}
+
+
+def warn_training(training: tuple[str, ...], backend: str, stacklevel: int = 3) -> None:
+    """Warn (:class:`~multicam.errors.TrainingModeWarning`) about parts left in training mode.
+
+    multicam explained them in inference mode; the warning says so and how to silence it.
+    """
+    if not training:
+        return
+    shown = ", ".join(training[:4]) + (
+        f" and {len(training) - 4} more" if len(training) > 4 else ""
+    )
+    warnings.warn(
+        f"the model was left in training mode ({shown}); multicam explained it in inference "
+        "mode, as it predicts, and left its mode as it was. "
+        f"{_EVAL_HINT.get(backend, 'switch the model to inference mode').capitalize()} "
+        "to silence this warning (or pass warn=False).",
+        TrainingModeWarning,
+        stacklevel=stacklevel,
+    )
+
+
 def diagnose(result: CAMResult) -> Diagnosis:
     """Measure a result and explain it: see the module docstring.
 
@@ -285,35 +327,155 @@ def _batch_findings(
                 {"negative_share": float(negative), "min": float(flat_activations.min())},
             )
         )
-    outputs = result.outputs
-    if outputs is not None and outputs.ndim == 2 and outputs.shape[1] > 1:
-        sums = outputs.sum(axis=1)
-        deviation = float(np.abs(sums - 1).max())
-        if outputs.min() >= 0 and outputs.max() <= 1 and deviation <= SOFTMAX_TOL:
-            findings.append(
-                Finding(
-                    "softmax_outputs",
-                    "warning",
-                    f"every output row lies in [0, 1] and sums to 1 (largest deviation "
-                    f"{deviation:.1g}): the model ends in a softmax, so the differentiated "
-                    "scores are probabilities, whose gradients are scaled by p(1 - p) and "
-                    "mix in every other class",
-                    "explain the logits instead: remove the final softmax (torch: drop the "
-                    "last module; Keras: rebuild with activation=None on the last layer) "
-                    "and explain that model",
-                    {"sum_deviation": deviation},
-                )
+    if result.training:
+        findings.append(
+            Finding(
+                "training_mode",
+                "info",
+                f"{len(result.training)} part{'s' if len(result.training) != 1 else ''} of the "
+                f"model {'were' if len(result.training) != 1 else 'was'} left in training mode "
+                f"({', '.join(result.training[:6])}"
+                f"{', ...' if len(result.training) > 6 else ''}); multicam ran them in "
+                "inference mode for this explanation (dropout off, batch statistics from the "
+                "running averages) and left the model's mode as it was",
+                _EVAL_HINT.get(result.backend, "switch the model to inference mode")
+                + ", so that the model you evaluate is the one explained",
+                {"modules": float(len(result.training))},
             )
-            if result.targets is not None:
-                findings += _saturation(result, outputs)
+        )
+    if result.layer_layout != _native_layout(result.backend):
+        findings.append(
+            Finding(
+                "layout_guessed",
+                "info",
+                f"the layer's output was read {result.layer_layout.replace('_', '-')}, not in "
+                f"the {result.backend} layout, so its channels are its last axis",
+                "if that is wrong, pass layer_layout= to the explainer",
+            )
+        )
+    findings += _probability_findings(result)
     return findings
 
 
-def _saturation(result: CAMResult, probabilities: np.ndarray) -> list[Finding]:
-    assert result.targets is not None
+def _native_layout(backend: str) -> str:
+    return "channels_first" if backend == "torch" else "channels_last"
+
+
+def _probability_axis(outputs: np.ndarray) -> int | None:
+    """The class axis along which ``outputs`` are softmax probabilities, if any."""
+    if outputs.ndim < 2 or outputs.min() < 0 or outputs.max() > 1:
+        return None
+    for axis in dict.fromkeys((1, outputs.ndim - 1)):
+        if outputs.shape[axis] > 1:
+            deviation = np.abs(outputs.sum(axis=axis, dtype=np.float64) - 1).max()
+            if deviation <= SOFTMAX_TOL:
+                return axis
+    return None
+
+
+def _probability_findings(result: CAMResult) -> list[Finding]:
+    """Softmax or sigmoid outputs, over any class axis, and their saturated targets."""
+    outputs = result.outputs
+    if outputs is None or outputs.ndim < 2 or outputs.size == 0:
+        return []
+    axis = _probability_axis(outputs)
+    where = "" if outputs.ndim == 2 else f" at every position (class axis {axis})"
+    if axis is not None:
+        deviation = float(np.abs(outputs.sum(axis=axis, dtype=np.float64) - 1).max())
+        kind = "softmax"
+        finding = Finding(
+            "softmax_outputs",
+            "warning",
+            f"the outputs {outputs.shape} lie in [0, 1] and sum to 1 over axis {axis}{where} "
+            f"(largest deviation {deviation:.1g}): the model ends in a softmax, so the "
+            "differentiated scores are probabilities, whose gradients are scaled by p(1 - p) "
+            "and mix in every other class",
+            "explain the logits instead: remove the final softmax (torch: drop the last "
+            "module; Keras: rebuild with activation=None on the last layer) and explain "
+            "that model, or differentiate the centred log-probability (see the README)",
+            {"sum_deviation": deviation},
+        )
+    elif outputs.min() >= 0 and outputs.max() <= 1 and _looks_sigmoid(outputs):
+        kind = "sigmoid"
+        axis = 1 if _native_layout(result.backend) == "channels_first" else outputs.ndim - 1
+        finding = Finding(
+            "sigmoid_outputs",
+            "warning",
+            f"every output lies in [0, 1] (shape {outputs.shape}, range "
+            f"[{outputs.min():.3g}, {outputs.max():.3g}]) without summing to 1: the model "
+            "probably ends in a sigmoid, whose gradient is scaled by p(1 - p)",
+            "explain the pre-sigmoid logits: remove the final sigmoid, or differentiate "
+            "log(p / (1 - p)), the logit, with a callable target",
+            {"min": float(outputs.min()), "max": float(outputs.max())},
+        )
+    else:
+        return []
+    return [finding, *_saturation(result, outputs, axis, kind)]
+
+
+def _looks_sigmoid(outputs: np.ndarray) -> bool:
+    """Outputs in [0, 1] that are not all equal: logits over a whole batch rarely are."""
+    return bool(outputs.size > 1 and outputs.max() > outputs.min())
+
+
+def _saturation(
+    result: CAMResult, probabilities: np.ndarray, axis: int, kind: str
+) -> list[Finding]:
+    """Targets whose probability is saturated: class ids, regions, or (batch) callables."""
     findings = []
+    request = result.request
+    if request is not None and request.kind == "region":
+        weights = request.output_weights(probabilities.shape, axis)  # (N, T, *out)
+        n, t = weights.shape[:2]
+        flat_w = weights.reshape(n, t, -1)
+        flat_p = np.broadcast_to(probabilities[:, None], weights.shape).reshape(n, t, -1)
+        for i in range(n):
+            for j in range(t):
+                inside = flat_w[i, j] > 0
+                if not inside.any():
+                    continue
+                p = flat_p[i, j][inside]
+                saturated = float((p * (1 - p) <= _FLAT_SLOPE).mean())
+                slope = float((p * (1 - p)).mean())
+                if saturated >= 0.5:
+                    findings.append(
+                        Finding(
+                            "saturated",
+                            "warning",
+                            f"the region's class has probability >= {SATURATED} or <= "
+                            f"{1 - SATURATED:.2g} at {100 * saturated:.0f}% of its "
+                            f"{int(inside.sum())} positions "
+                            f"(mean p(1 - p) = {slope:.2g}): through the {kind} the region's "
+                            "score barely moves with the layer, so its gradients are tiny "
+                            "and dominated by the other classes",
+                            f"explain the logits (pre-{kind} output maps) of the region",
+                            {"saturated_share": saturated, "slope": slope},
+                            i,
+                            j,
+                        )
+                    )
+        return findings
+    if result.targets is None or (request is not None and request.kind == "score"):
+        top = probabilities.max(axis=axis) if kind == "softmax" else probabilities
+        share = float((top >= SATURATED).mean())
+        if share >= 0.5:
+            findings.append(
+                Finding(
+                    "saturated",
+                    "warning",
+                    f"{100 * share:.0f}% of the {kind} outputs' "
+                    f"{'top probabilities' if kind == 'softmax' else 'values'} are >= "
+                    f"{SATURATED}: a score built on them has gradients scaled by p(1 - p)",
+                    f"build the target function on the logits (pre-{kind}), or on "
+                    "log-probabilities",
+                    {"saturated_share": share},
+                )
+            )
+        return findings
+    if probabilities.ndim != 2:
+        return findings
     chosen = np.take_along_axis(probabilities, result.targets, axis=1)
-    for i, j in np.argwhere(chosen >= SATURATED):
+    for i, j in np.argwhere(chosen * (1 - chosen) <= _FLAT_SLOPE):
         p = float(chosen[i, j])
         slope = p * (1 - p)
         findings.append(
@@ -321,11 +483,11 @@ def _saturation(result: CAMResult, probabilities: np.ndarray) -> list[Finding]:
                 "saturated",
                 "warning",
                 f"class {result.targets[i, j]} has probability {p:.6f}: its gradient "
-                f"through the softmax is at most p(1 - p) = {slope:.2g} per unit of logit, "
+                f"through the {kind} is at most p(1 - p) = {slope:.2g} per unit of logit, "
                 f"so the gradients at the layer are tiny (largest "
                 f"{np.abs(result.gradients[i, j]).max():.2g}) and dominated by the other "
                 "classes",
-                "explain the logit (pre-softmax score) of the class, not its probability",
+                f"explain the logit (pre-{kind} score) of the class, not its probability",
                 {"probability": p, "slope": slope},
                 int(i),
                 int(j),
@@ -356,6 +518,25 @@ def _map_findings(
         )
         return findings
     gradients = result.gradients[i, j]
+    dropped = result.dropped_token_gradients
+    if not gradients.any() and dropped is not None and dropped[i, j] > 0:
+        findings.append(
+            Finding(
+                "class_token_only",
+                "blank",
+                f"all {gradients.size} gradients of {what} on this block's patch tokens are "
+                f"0, while its dropped prefix (class) token gets gradient up to "
+                f"{dropped[i, j]:.3g}: the head reads only the class token, and after this "
+                "block no attention mixes the patch tokens into it, so they cannot change "
+                "the score",
+                "explain an earlier block (e.g. the one before the last, or the last block's "
+                "first norm), whose patch tokens still feed the class token through attention",
+                {"gradients": float(gradients.size), "prefix_gradient": float(dropped[i, j])},
+                i,
+                j,
+            )
+        )
+        return findings
     if not gradients.any():
         findings.append(
             Finding(

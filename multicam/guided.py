@@ -27,6 +27,7 @@ Shapes (N samples, T targets, C input channels, ``S`` the input's spatial dims):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +36,9 @@ import numpy as np
 
 from . import algebra
 from .backends import Backend, BoundModel, resolve_backend
-from .backends.base import check_finite
-from .errors import InputError, LayerError, OptionError
+from .backends.base import LayerGradients, check_finite
+from .diagnose import BlankMapWarning, blank_maps, warn_training
+from .errors import GuidedWarning, InputError, LayerError, OptionError
 from .targets import TargetLike, Targets
 
 __all__ = ["GuidedBackprop", "GuidedGradCAM", "GuidedResult"]
@@ -62,6 +64,11 @@ class GuidedResult:
         layer: the Grad-CAM layer's name (Guided Grad-CAM), else ``"input"``.
         backend: the backend's name.
         outputs: the model's outputs, e.g. ``(N, C)``, when the backend provides them.
+        guided_relus: how many ReLU calls the guided pass guided (0: the result is the
+            plain input gradient).
+        unguided_activations: the other nonlinearities on the path (e.g. ``("SiLU",)``),
+            which guided backpropagation leaves as they are.
+        training: parts of the model left in training mode, run in inference mode.
     """
 
     maps: np.ndarray
@@ -73,6 +80,9 @@ class GuidedResult:
     layer: str
     backend: str
     outputs: np.ndarray | None = None
+    guided_relus: int | None = None
+    unguided_activations: tuple[str, ...] = ()
+    training: tuple[str, ...] = ()
 
 
 class GuidedBackprop:
@@ -108,7 +118,8 @@ class GuidedBackprop:
         *,
         reduce: str = "max_abs",
         normalize: bool = True,
-        eps: float = 1e-8,
+        eps: float = 0.0,
+        warn: bool = True,
     ) -> GuidedResult:
         """Explain a batch.
 
@@ -119,23 +130,18 @@ class GuidedBackprop:
             reduce: how ``maps`` collapses the channel axis: ``"max_abs"`` (default),
                 ``"sum_abs"``, ``"sum"`` (signed) or ``"none"`` (keep ``(N, T, C, *S)``).
             normalize: divide each map by its largest absolute value.
-            eps: maps whose largest absolute value is at most ``eps`` normalise to zeros.
+            eps: maps whose largest absolute value is at most ``eps`` normalise to zeros
+                (default 0: only all-zero maps, whatever the gradients' scale).
+            warn: warn (:class:`~multicam.errors.GuidedWarning`) when the forward pass ran
+                through nonlinearities that cannot be guided, or guided no ReLU at all, and
+                (:class:`~multicam.errors.TrainingModeWarning`) when the model was left in
+                training mode.
         """
-        _check(reduce=reduce, normalize=normalize, eps=eps)
+        _check(reduce=reduce, normalize=normalize, eps=eps, warn=warn)
         parsed = _parse_targets(self.bound, inputs, targets)
         guided = self.bound.guided_gradients(inputs, parsed)
         return _result(
-            guided.gradients,
-            guided.gradients,
-            None,
-            guided.scores,
-            guided.targets,
-            "input",
-            self.backend,
-            guided.outputs,
-            reduce,
-            normalize,
-            eps,
+            guided.gradients, guided, None, "input", self.backend, reduce, normalize, eps, warn
         )
 
 
@@ -184,7 +190,8 @@ class GuidedGradCAM:
         normalize: bool = True,
         interpolation: str = "bilinear",
         align_corners: bool = False,
-        eps: float = 1e-8,
+        eps: float = 0.0,
+        warn: bool = True,
     ) -> GuidedResult:
         """Explain a batch.
 
@@ -194,6 +201,8 @@ class GuidedGradCAM:
             reduce: as for :class:`GuidedBackprop`.
             normalize: as for :class:`GuidedBackprop`.
             eps: as for :class:`GuidedBackprop`.
+            warn: as for :class:`GuidedBackprop`, and
+                :class:`~multicam.diagnose.BlankMapWarning` when a Grad-CAM map is blank.
             interpolation: how the Grad-CAM map is resized to the input: ``"bilinear"``
                 (``"linear"``, ``"trilinear"``), ``"nearest"`` (nearest-exact), or
                 ``"nearest-floor"`` (torch's legacy ``"nearest"``, Captum's default).
@@ -206,7 +215,7 @@ class GuidedGradCAM:
             )
         if align_corners and interpolation.startswith("nearest"):
             raise OptionError("align_corners=True applies to linear interpolation only.")
-        _check(reduce=reduce, normalize=normalize, eps=eps, align_corners=align_corners)
+        _check(reduce=reduce, normalize=normalize, eps=eps, align_corners=align_corners, warn=warn)
         parsed = _parse_targets(self.bound, inputs, targets)
         layer = self.bound.gradients(inputs, parsed)
         weights = algebra.channel_weights(layer.gradients, "mean")
@@ -227,19 +236,17 @@ class GuidedGradCAM:
         else:
             cam = algebra.resize(cam, size, interpolation, align_corners)  # type: ignore[arg-type]
         raw = guided.gradients * cam[:, :, None]
-        return _result(
-            raw,
-            guided.gradients,
-            cam,
-            guided.scores,
-            guided.targets,
-            self.layer,
-            self.backend,
-            guided.outputs,
-            reduce,
-            normalize,
-            eps,
-        )
+        if warn and layer.targets is not None and blank_maps(cam).any():
+            blank = blank_maps(cam)
+            warnings.warn(
+                f"{int(blank.sum())} of {blank.size} Grad-CAM maps at layer {self.layer!r} are "
+                "blank after the ReLU, so their Guided Grad-CAM maps are zero; "
+                f"mc.GradCAM(model, {self.layer!r})(x, targets).diagnose() tells why; pass "
+                "warn=False to silence.",
+                BlankMapWarning,
+                stacklevel=2,
+            )
+        return _result(raw, guided, cam, self.layer, self.backend, reduce, normalize, eps, warn)
 
 
 def _bind(
@@ -292,7 +299,7 @@ def _check(**options: Any) -> None:
         raise OptionError(f"reduce={reduce!r} is not supported; choose one of {_REDUCTIONS}.")
     eps = options.pop("eps")
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps >= 0:
-        raise OptionError(f"eps={eps!r}: expected a finite number >= 0 (default 1e-8).")
+        raise OptionError(f"eps={eps!r}: expected a finite number >= 0 (default 0).")
     for name, value in options.items():
         if not isinstance(value, bool | np.bool_):
             raise OptionError(f"{name}={value!r}: expected True or False.")
@@ -319,31 +326,59 @@ def _normalize(maps: np.ndarray, eps: float) -> np.ndarray:
 
 def _result(
     raw: np.ndarray,
-    guided: np.ndarray,
+    guided: LayerGradients,
     cam: np.ndarray | None,
-    scores: np.ndarray,
-    targets: np.ndarray | None,
     layer: str,
     backend: str,
-    outputs: np.ndarray | None,
     reduce: str,
     normalize: bool,
     eps: float,
+    warn: bool,
 ) -> GuidedResult:
     raw = raw.astype(np.float32, copy=False)
     maps = _reduce(raw, reduce)
     if normalize:
         maps = _normalize(maps, eps)
+    if warn:
+        warn_training(guided.training, backend, stacklevel=4)
+        _warn_unguided(guided.guided_relus, guided.unguided_activations)
     return GuidedResult(
         maps=maps.astype(np.float32, copy=False),
         raw=raw,
-        guided=guided,
+        guided=guided.gradients,
         cam=cam,
-        scores=scores,
-        targets=targets,
+        scores=guided.scores,
+        targets=guided.targets,
         layer=layer,
         backend=backend,
-        outputs=outputs,
+        outputs=guided.outputs,
+        guided_relus=guided.guided_relus,
+        unguided_activations=guided.unguided_activations,
+        training=guided.training,
+    )
+
+
+def _warn_unguided(guided_relus: int | None, unguided: tuple[str, ...]) -> None:
+    """Say when a guided map is (partly) a plain gradient: see :class:`GuidedWarning`."""
+    if guided_relus is None or (guided_relus and not unguided):
+        return
+    if not guided_relus:
+        what = (
+            "no ReLU on the path from the input to the output"
+            + (f" (its nonlinearities are {', '.join(unguided)})" if unguided else "")
+            + ", so this map is the plain input gradient, not a guided one"
+        )
+    else:
+        what = (
+            f"{guided_relus} ReLU calls were guided, but the path also runs through "
+            f"{', '.join(unguided)}, whose backward passes negative gradients as they are; "
+            "the map is only partly guided"
+        )
+    warnings.warn(
+        f"guided backpropagation guides ReLUs only, and found {what}. Read it as a "
+        "gradient saliency map, or use GradCAM; pass warn=False to silence.",
+        GuidedWarning,
+        stacklevel=4,
     )
 
 

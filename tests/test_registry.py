@@ -59,7 +59,7 @@ def test_missing_framework_names_the_extra() -> None:
             print(exc)
         """
     )
-    assert "pip install 'multicam[jax]'" in message
+    assert "pip install 'multicam-xai[jax]'" in message
 
 
 def test_unsupported_model_lists_what_is_supported() -> None:

@@ -92,7 +92,7 @@ def get_backend(name: str) -> Backend:
         except ImportError as exc:
             raise BackendNotInstalledError(
                 f"the {name!r} backend needs {builtin.needs}, which could not be imported "
-                f"({exc}). Install it with: pip install 'multicam[{builtin.extra}]'"
+                f"({exc}). Install it with: pip install 'multicam-xai[{builtin.extra}]'"
             ) from exc
         backend_cls = getattr(module, class_name)
     elif name in _plugin_entry_points():

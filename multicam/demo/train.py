@@ -7,7 +7,7 @@ scikit-learn's bundled handwritten digits (1,797 8x8 images, no download), upsam
 the CPU with fixed seeds; the weights are written as float16 (about 1 MB) together with
 one held-out example of each digit for the demo, to ``multicam/demo/digits_cnn.npz``.
 
-Needs ``pip install 'multicam[torch]' scikit-learn``.
+Needs ``pip install 'multicam-xai[torch]' scikit-learn``.
 """
 
 from __future__ import annotations
