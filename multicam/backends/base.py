@@ -178,7 +178,7 @@ class Backend(abc.ABC):
 
     #: Registry name, used in ``backend=`` and in messages.
     name: ClassVar[str]
-    #: The ``pip install 'multicam[EXTRA]'`` extra that installs the framework.
+    #: The ``pip install 'multicam-xai[EXTRA]'`` extra that installs the framework.
     extra: ClassVar[str]
 
     @classmethod
