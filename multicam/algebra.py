@@ -212,14 +212,13 @@ def normalize(maps: np.ndarray, spatial_dims: int, eps: float = CONSTANT_RTOL) -
     span = high - low
     magnitude = np.maximum(np.abs(low), np.abs(high))
     wide = span > eps * magnitude
-    # Per-map scale on the small (..., 1, 1) array in float64, where 1 / span cannot
-    # overflow for any float32 span (even a subnormal one); flat maps get scale 0: zeros.
-    scale = np.where(wide, 1.0 / np.where(wide, span, 1.0), 0.0)
+    # Divide rather than multiply by a reciprocal: exact at the ends (the maximum maps to
+    # 1.0), and no overflow for a subnormal span. Flat maps divide by 1, then become zeros.
+    divisor = np.where(wide, span, 1.0).astype(np.float32)
     out = np.subtract(maps, low.astype(np.float32), dtype=np.float32)
-    if np.all(scale < np.finfo(np.float32).max):
-        out *= scale.astype(np.float32)
-    else:  # a subnormal range: divide in float64, map by map
-        out = (out.astype(np.float64) * scale).astype(np.float32)
+    np.divide(out, divisor, out=out)
+    if not wide.all():
+        out *= wide
     return np.clip(out, 0.0, 1.0, out=out)
 
 
