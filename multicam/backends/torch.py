@@ -1,28 +1,43 @@
 """PyTorch backend: layer activations, their gradients and the target scores.
 
 Any ``torch.nn.Module``; the layer is a dotted name from ``named_modules()`` or the module
-object. A forward hook swaps the layer's output for a detached leaf tensor, so autograd
-records nothing below the layer (the forward up to it runs under ``no_grad``) and no
-parameter receives a ``.grad``. All T targets share one forward pass and one batched
-vector-Jacobian product (``is_grads_batched``). The model runs in whatever train/eval mode
-the user left it in; its mode, hooks, ``requires_grad`` flags and ``.grad`` fields are as
-they were afterwards, also when its forward raises.
+object. A forward hook swaps the layer's output for a copy that derives from a detached
+leaf tensor, so autograd records nothing below the layer (the forward up to it runs under
+``no_grad``), no parameter receives a ``.grad``, and in-place operations after the layer
+(``nn.ReLU(inplace=True)``, ``out += identity``) modify the copy, never the activations
+multicam reports. All T targets share one forward pass and one batched vector-Jacobian
+product (``is_grads_batched``).
+
+Training mode: multicam explains the model as it predicts. Every forward it runs uses
+inference mode: modules the user left in training mode are switched to eval for the call
+(their ``training`` flag set directly, one module at a time) and restored afterwards, also
+when the forward raises; :attr:`LayerGradients.training` names the ones whose behaviour
+depends on it (dropout, batch/instance norm). A model already fully in eval mode is not
+touched. The model's hooks, ``requires_grad`` flags, ``.grad`` fields and buffers are as
+they were afterwards, and so is the caller's input (the model runs on a copy of it).
 
 Threads: the hook acts only for the thread that registered it (other threads' forwards of
 the same model pass through it untouched), and grad mode is thread-local in torch, so
-several threads may explain one model at once and get the same maps as one after another.
+several threads may explain one eval-mode model at once and get the same maps as one after
+another. Calls on a model left in training mode take a per-model lock while they hold it in
+eval mode, so they run one at a time; a forward the user runs on that model in another
+thread meanwhile sees it in eval mode.
 
 Errors: when the forward fails inside torch itself (a shape or dtype check in a
 ``torch.nn`` layer), multicam raises :class:`~multicam.errors.InputError` ``from`` it, with
-what it can tell about the input (rank, channels, layout, dtype); an exception the user's
-own code raises propagates unchanged, with a note.
+what it can tell about the input (rank, channels, layout, dtype, a spatial size the model
+was not built for); an exception the user's own code raises propagates unchanged, with a
+note.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 import threading
+import weakref
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -134,8 +149,8 @@ class TorchBoundModel(BoundModel):
             check_finite_input(tensor.detach().float().cpu().numpy())
         return tensor
 
-    def _input_hint(self, x: torch.Tensor) -> str:
-        """What multicam can tell about an input the model rejected."""
+    def _input_hint(self, x: torch.Tensor, error: BaseException | None = None) -> str:
+        """What multicam can tell about an input the model rejected with ``error``."""
         reference = next(self.model.parameters(), None)
         if reference is not None and reference.is_floating_point() and not x.is_floating_point():
             return (
@@ -146,24 +161,29 @@ class TorchBoundModel(BoundModel):
             (m for m in self.model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)),
             None,
         )
-        if conv is None:
-            return ""
-        rank = len(conv.kernel_size) + 2
-        want = f"(N, {conv.in_channels}, " + ", ".join("*" * (rank - 2)) + ")"
-        if x.ndim != rank:
-            extra = " (a single sample? pass x[None])" if x.ndim == rank - 1 else ""
-            return f"Its first convolution expects a batch of rank {rank}, {want}{extra}."
-        if x.shape[1] != conv.in_channels:
-            if x.shape[-1] == conv.in_channels:
+        if conv is not None:
+            rank = len(conv.kernel_size) + 2
+            want = f"(N, {conv.in_channels}, " + ", ".join("*" * (rank - 2)) + ")"
+            if x.ndim != rank:
+                extra = " (a single sample? pass x[None])" if x.ndim == rank - 1 else ""
+                return f"Its first convolution expects a batch of rank {rank}, {want}{extra}."
+            if x.shape[1] != conv.in_channels:
+                if x.shape[-1] == conv.in_channels:
+                    return (
+                        f"It looks like a channels-last batch given to a channels-first model "
+                        f"expecting {want}: transpose it with np.moveaxis(x, -1, 1)."
+                    )
                 return (
-                    f"It looks like a channels-last batch given to a channels-first model "
-                    f"expecting {want}: transpose it with np.moveaxis(x, -1, 1)."
+                    f"It has {x.shape[1]} channels but its first convolution expects "
+                    f"{conv.in_channels}, {want}."
                 )
+        if x.ndim >= 3 and error is not None and _SPATIAL_ERRORS.search(str(error)):
             return (
-                f"It has {x.shape[1]} channels but its first convolution expects "
-                f"{conv.in_channels}, {want}."
+                f"The error is one torch raises when feature maps have a size the model was "
+                f"not built for: the model may need a fixed input spatial size (this input's "
+                f"is {tuple(x.shape[2:])}), or one its downsampling divides evenly."
             )
-        return "Check the input's spatial size: the model may need a fixed one."
+        return ""
 
     def _forward_errors(self, x: torch.Tensor) -> contextlib.AbstractContextManager[None]:
         """How a failure of the model's forward on ``x`` reaches the user."""
@@ -175,12 +195,22 @@ class TorchBoundModel(BoundModel):
             expected="channels-first input (N, C, *spatial)",
             note=f"multicam: raised by the model's forward on an input of shape "
             f"{tuple(x.shape)}; torch models take channels-first input (N, C, *spatial).",
-            hint=lambda: self._input_hint(x),
+            # forward_errors computes the hint inside its ``except``: the error is current.
+            hint=lambda: self._input_hint(x, sys.exc_info()[1]),
         )
 
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         x = self._as_tensor(inputs)
-        captured: list[torch.Tensor] = []
+        try:
+            return self._gradients(x, targets, keep_saved=False)
+        except _SavedTensorModified:
+            # An in-place op after the layer overwrote a tensor autograd had saved for the
+            # backward pass (which the model, run only for inference, never needed): run
+            # again with every saved tensor copied when it is saved.
+            return self._gradients(x, targets, keep_saved=True)
+
+    def _gradients(self, x: torch.Tensor, targets: Targets, *, keep_saved: bool) -> LayerGradients:
+        captured: list[tuple[torch.Tensor, int]] = []
 
         owner = threading.get_ident()
 
@@ -192,16 +222,30 @@ class TorchBoundModel(BoundModel):
                     f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor;"
                     " choose a layer whose output is one (N, K, *spatial) tensor."
                 )
-            leaf = output.detach().requires_grad_(True)
-            captured.append(leaf)
             # Record the graph from here on only: below the layer, no_grad holds.
             torch.set_grad_enabled(True)
-            return leaf
+            leaf = output.detach()
+            if _aliases(output, args):
+                # An in-place or pass-through layer: its output is its input's storage,
+                # which the code around the layer may still modify in place.
+                leaf = leaf.clone()
+            leaf.requires_grad_(True)
+            captured.append((leaf, leaf._version))
+            # The rest of the model gets a copy: an in-place op after the layer (ReLU,
+            # ``out += identity``) modifies the copy, not the leaf multicam reports (and a
+            # leaf that requires grad could not be modified in place at all).
+            return leaf.clone()
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            with self._forward_errors(x), torch.inference_mode(False), torch.no_grad():
-                outputs = self.model(x)
+            with (
+                self._inference() as training,
+                self._forward_errors(x),
+                torch.inference_mode(False),
+                torch.no_grad(),
+                _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
+            ):
+                outputs = self.model(_private(x))
         finally:
             handle.remove()
         if not captured and isinstance(self.model, torch.fx.GraphModule):
@@ -216,7 +260,13 @@ class TorchBoundModel(BoundModel):
                 "Grad-CAM needs a layer that runs exactly once (choose another layer, or "
                 "a module that is not shared)."
             )
-        activations = captured[0]
+        activations, version = captured[0]
+        if activations._version != version:
+            raise LayerError(
+                f"the output of layer {self.layer_name!r} was modified in place after the "
+                "layer returned it (by a tensor the model keeps that shares its memory), so "
+                "its activations cannot be read; choose the layer after that operation."
+            )
         outputs = _chosen_output(outputs, targets)
         with torch.enable_grad():
             scores, classes = _target_scores(outputs, targets)
@@ -225,7 +275,7 @@ class TorchBoundModel(BoundModel):
                     f"the target scores do not depend on layer {self.layer_name!r}; choose a "
                     "layer on the path from the input to the output."
                 )
-            grads = _batched_vjp(scores, activations)
+            grads = _batched_vjp(scores, activations, keep_saved=keep_saved)
         return make_layer_gradients(
             activations.detach().float().cpu().numpy(),
             grads.detach().float().cpu().numpy(),
@@ -235,18 +285,20 @@ class TorchBoundModel(BoundModel):
             input_shape=tuple(x.shape),
             layer_name=self.layer_name,
             outputs=outputs.detach().float().cpu().numpy(),
+            training=training,
         )
 
     def outputs(self, inputs: Any) -> np.ndarray:
-        """The model's outputs for a batch under ``no_grad``, as float32 NumPy."""
+        """The model's outputs for a batch (eval mode, ``no_grad``), as float32 NumPy."""
         x = self._as_tensor(inputs)
         return self._plain_forward(x)
 
     def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
         """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
 
-        A forward hook (acting for this thread only, like :meth:`gradients`') returns the
-        replacement, cast to the layer output's dtype and device; it is removed afterwards.
+        A forward hook (acting for this thread only, like :meth:`gradients`') returns a copy
+        of the replacement, cast to the layer output's dtype and device (in-place ops after
+        the layer modify the copy); it is removed afterwards. The model runs in eval mode.
         """
         x = self._as_tensor(inputs)
         replacement = replacement_activations(
@@ -269,7 +321,9 @@ class TorchBoundModel(BoundModel):
                     f"the replacement activations have shape {replacement.shape} but layer "
                     f"{self.layer_name!r} outputs {tuple(output.shape)} on this input."
                 )
-            return torch.from_numpy(replacement).to(device=output.device, dtype=output.dtype)
+            # A fresh tensor: in-place ops after the layer must not write into the caller's
+            # array (torch.from_numpy would share its memory).
+            return torch.tensor(replacement, device=output.device, dtype=output.dtype)
 
         handle = self.layer.register_forward_hook(hook)
         try:
@@ -284,9 +338,14 @@ class TorchBoundModel(BoundModel):
         return out
 
     def _plain_forward(self, x: torch.Tensor) -> np.ndarray:
-        """One forward without gradients; framework errors become :class:`InputError`."""
-        with self._forward_errors(x), torch.inference_mode(False), torch.no_grad():
-            outputs = self.model(x)
+        """One forward in eval mode without gradients; framework errors become InputError."""
+        with (
+            self._inference(),
+            self._forward_errors(x),
+            torch.inference_mode(False),
+            torch.no_grad(),
+        ):
+            outputs = self.model(_private(x))
         if not isinstance(outputs, torch.Tensor):
             raise TargetError(
                 f"the model returned {type(outputs).__name__}; models with several outputs "
@@ -304,8 +363,12 @@ class TorchBoundModel(BoundModel):
         ``F.hardtanh`` with ``min_val=0`` (``nn.ReLU6``) gets a gradient hook on its output
         that clamps the incoming gradient to >= 0; the ReLU's own backward then zeroes it at
         non-positive inputs. A ReLU computed another way (``clamp(min=0)``, ``x * (x > 0)``,
-        a TorchScript/compiled region) is not guided. The model is untouched: the
-        interception is a torch function mode, active in this thread only for this forward.
+        a TorchScript/compiled region) is not guided. The result counts the guided ReLU
+        calls (``guided_relus``) and names the other nonlinearities on the differentiated
+        path (``unguided_activations``: SiLU, GELU, Sigmoid, ...), which pass their ordinary
+        gradients. The model is untouched: the interception is a torch function mode,
+        active in this thread only for this forward, which runs in eval mode on a copy of
+        the input (so the model may modify its input in place).
         """
         x = self._as_tensor(inputs)
         if not x.is_floating_point():
@@ -314,15 +377,30 @@ class TorchBoundModel(BoundModel):
                 "pass floating-point input."
             )
         x = x.detach().requires_grad_(True)
+        try:
+            return self._guided_gradients(x, targets, keep_saved=False)
+        except _SavedTensorModified:  # as in gradients()
+            return self._guided_gradients(x, targets, keep_saved=True)
+
+    def _guided_gradients(
+        self, x: torch.Tensor, targets: Targets, *, keep_saved: bool
+    ) -> LayerGradients:
         guided = _GuidedReLUs()
-        with self._forward_errors(x), torch.inference_mode(False), torch.enable_grad(), guided:
-            outputs = self.model(x)
+        with (
+            self._inference() as training,
+            self._forward_errors(x),
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
+            guided,
+        ):
+            outputs = self.model(x.clone())
         outputs = _chosen_output(outputs, targets)
         with torch.enable_grad():
             scores, classes = _target_scores(outputs, targets)
             if not scores.requires_grad:
                 raise InputError("the target scores do not depend on the input.")
-            grads = _batched_vjp(scores, x)
+            grads = _batched_vjp(scores, x, keep_saved=keep_saved)
         return make_layer_gradients(
             x.detach().float().cpu().numpy(),
             grads.detach().float().cpu().numpy(),
@@ -332,7 +410,145 @@ class TorchBoundModel(BoundModel):
             input_shape=tuple(x.shape),
             layer_name="input",
             outputs=outputs.detach().float().cpu().numpy(),
+            training=training,
+            guided_relus=guided.guided_relus,
+            unguided_activations=sorted(guided.unguided),
         )
+
+    def _inference(self) -> contextlib.AbstractContextManager[tuple[str, ...]]:
+        """Run the model in eval mode inside; yields :attr:`LayerGradients.training`."""
+        return _inference_mode(self.model)
+
+
+# Messages torch raises when a feature map has a spatial size the model was not built for:
+# a kernel or pooling window larger than the map, a flattened map of the wrong length for
+# a Linear or view, two branches (a skip connection, a concatenation) of different sizes.
+_SPATIAL_ERRORS = re.compile(
+    r"Kernel size can't be greater than actual input size"
+    r"|Output size is too small"
+    r"|mat1 and mat2 shapes cannot be multiplied"
+    r"|shape '\[[-0-9, ]*\]' is invalid for input of size"
+    r"|must match the size of tensor b \(\d+\) at non-singleton dimension [2-9]"
+    r"|Sizes of tensors must match except in dimension 1"
+)
+
+
+def _aliases(output: torch.Tensor, args: Any) -> bool:
+    """Whether ``output`` shares memory with one of the tensors a module was called with."""
+    if output.layout != torch.strided:
+        return False
+    try:
+        pointer = output.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor without storage: assume it does
+        return True
+    return any(
+        isinstance(arg, torch.Tensor)
+        and arg.layout == torch.strided
+        and arg.untyped_storage().data_ptr() == pointer
+        for arg in args
+    )
+
+
+class _SavedTensorModified(Exception):
+    """Internal: the backward found a saved tensor modified in place; retry with copies."""
+
+
+def _copies_of_saved_tensors() -> contextlib.AbstractContextManager[None]:
+    """Inside, autograd keeps a copy of each tensor it saves for the backward pass.
+
+    The copy is made when the tensor is saved, so a later in-place op cannot invalidate it;
+    it costs memory, so only the retry uses it.
+    """
+    return torch.autograd.graph.saved_tensors_hooks(_copy_saved, _unpack_saved)
+
+
+def _copy_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().clone()
+
+
+def _unpack_saved(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _private(x: torch.Tensor) -> torch.Tensor:
+    """A copy of the input for the forward.
+
+    A model that modifies its input in place (``x.sub_(mean)``) must modify neither the
+    caller's tensor or array nor the input of multicam's next pass.
+    """
+    return x.clone()
+
+
+# One lock per model, held while a call keeps a training-mode model in eval mode.
+_LOCKS: weakref.WeakKeyDictionary[torch.nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+# torch.nn modules whose forward depends on ``training`` (besides those with a ``dropout``
+# probability > 0: MultiheadAttention, RNN/LSTM/GRU).
+_TRAINING_DEPENDENT = (
+    torch.nn.modules.batchnorm._NormBase,
+    torch.nn.modules.dropout._DropoutNd,
+)
+
+
+def _model_lock(model: torch.nn.Module) -> threading.RLock:
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(model)
+        if lock is None:
+            lock = _LOCKS[model] = threading.RLock()
+        return lock
+
+
+@contextlib.contextmanager
+def _inference_mode(model: torch.nn.Module) -> Iterator[tuple[str, ...]]:
+    """Run ``model`` in eval mode inside; yield the report of what was in training mode.
+
+    Each module left in training mode gets ``training = False`` (set directly, so an
+    overridden ``train()`` runs no side effects) and ``True`` back afterwards, also on an
+    exception; a model already fully in eval mode is not touched. The per-model lock makes
+    a second thread wait until the first has restored the flags, so it sees the model's
+    true mode rather than the first call's temporary eval mode.
+    """
+    lock = _model_lock(model)
+    with lock:
+        switched = [module for module in model.modules() if module.training]
+        if switched:
+            try:
+                for module in switched:
+                    module.training = False
+                yield _training_report(model, switched)
+            finally:
+                for module in switched:
+                    module.training = True
+            return
+    yield ()  # eval mode already: no flag changes, no lock held during the forward
+
+
+def _training_report(model: torch.nn.Module, switched: list[torch.nn.Module]) -> tuple[str, ...]:
+    """What :attr:`LayerGradients.training` says about the ``switched`` modules.
+
+    ``"name (Kind)"`` for each one whose behaviour depends on training mode, in
+    ``named_modules`` order, then one entry counting those of the user's own classes (not
+    torch's), whose forward multicam cannot see into.
+    """
+    ids = {id(module) for module in switched}
+    named: list[str] = []
+    others = 0
+    for name, module in model.named_modules():
+        if id(module) not in ids:
+            continue
+        kind = type(module).__name__
+        if isinstance(module, _TRAINING_DEPENDENT) or (
+            isinstance(module, (torch.nn.MultiheadAttention, torch.nn.RNNBase))
+            and float(getattr(module, "dropout", 0.0)) > 0
+        ):
+            named.append(f"{name} ({kind})" if name else kind)
+        elif not type(module).__module__.startswith("torch."):
+            others += 1
+    if others:
+        modules = "module" if others == 1 else "modules"
+        named.append(f"and {others} other {modules} in training mode")
+    return tuple(named)
 
 
 def _chosen_output(outputs: Any, targets: Targets) -> torch.Tensor:
@@ -371,12 +587,34 @@ def _target_scores(
     return outputs.gather(1, index), classes
 
 
-def _batched_vjp(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+def _batched_vjp(
+    scores: torch.Tensor, activations: torch.Tensor, *, keep_saved: bool = True
+) -> torch.Tensor:
     """``(N, T, *A)`` gradients of each target column of ``scores`` w.r.t. ``activations``.
 
     Samples are independent (eval-mode models), so the gradient of the column sum gives
     every sample's own gradient; the T columns go through one batched backward pass.
+
+    Raises:
+        _SavedTensorModified: an in-place op overwrote a tensor saved for the backward
+            pass, and the forward did not copy saved tensors (``keep_saved=False``): the
+            caller runs the forward again with :func:`_copies_of_saved_tensors`.
     """
+    try:
+        return _batched_vjp_once(scores, activations)
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        if not keep_saved:
+            raise _SavedTensorModified from exc
+        raise UnsupportedModelError(
+            "an in-place operation in the model modified a tensor that the gradients need, "
+            "even with autograd's saved tensors copied; make that operation out-of-place "
+            "(e.g. nn.ReLU(inplace=False)) or choose a later layer."
+        ) from exc
+
+
+def _batched_vjp_once(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
     n_targets = scores.shape[1]
     if n_targets == 1:
         (grads,) = torch.autograd.grad(scores.sum(), activations)
@@ -410,11 +648,17 @@ class _GuidedReLUs(torch.overrides.TorchFunctionMode):
     """Makes every ReLU called in its ``with`` block (this thread only) a guided one.
 
     A torch function mode sees each call of a torch function in the thread that entered
-    it (modes are thread-local), including the ``F.relu`` inside ``nn.ReLU.forward``. For
-    a ReLU-like call whose output requires grad, it registers a hook on that output tensor
-    clamping the gradient flowing into it to >= 0; the ReLU's own backward then masks it by
-    ``input > 0``: ``dx = 1[x > 0] * max(g, 0)``, the guided rule. In-place ReLUs work (the
-    hook sits on the tensor's post-ReLU version). Nothing is registered on the model.
+    it (modes are thread-local), including the ``F.relu`` inside ``nn.ReLU.forward``; while
+    it handles one call it is inactive, so the torch functions that call makes are not seen
+    again. For a ReLU-like call whose output requires grad, it registers a hook on that
+    output tensor clamping the gradient flowing into it to >= 0; the ReLU's own backward
+    then masks it by ``input > 0``: ``dx = 1[x > 0] * max(g, 0)``, the guided rule. In-place
+    ReLUs work (the hook sits on the tensor's post-ReLU version). Nothing is registered on
+    the model.
+
+    It counts the guided calls (:attr:`guided_relus`) and collects the kinds of the other
+    nonlinearities whose output requires grad (:attr:`unguided`), which keep their ordinary
+    gradients.
     """
 
     _RELUS = frozenset(
@@ -429,22 +673,75 @@ class _GuidedReLUs(torch.overrides.TorchFunctionMode):
         }
     )
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.guided_relus = 0
+        self.unguided: set[str] = set()
+
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if (
-            _is_relu_call(func, args, kwargs, self._RELUS)
-            and isinstance(out, torch.Tensor)
-            and out.requires_grad
-        ):
+        if not (isinstance(out, torch.Tensor) and out.requires_grad):
+            return out
+        if _is_relu_call(func, args, kwargs, self._RELUS):
             out.register_hook(_clamp_negative_gradient)
+            self.guided_relus += 1
+        else:
+            kind = _unguided_kind(func)
+            if kind is not None:
+                self.unguided.add(kind)
         return out
 
 
 def _is_relu_call(func: Any, args: Any, kwargs: dict[str, Any], relus: frozenset[Any]) -> bool:
     if func in relus:
         return True
-    if func in (torch.nn.functional.hardtanh, torch.nn.functional.hardtanh_):
+    if func in _HARDTANHS:
         min_val = kwargs.get("min_val", args[1] if len(args) > 1 else -1.0)
         return bool(min_val == 0)
     return False
+
+
+_F = torch.nn.functional
+_HARDTANHS = (_F.hardtanh, _F.hardtanh_)
+
+# The nonlinearities guided backpropagation does not guide, by the torch functions that
+# compute them (each nn module of these calls one), with the module's name.
+_UNGUIDED_KINDS: dict[Any, str] = {
+    function: kind
+    for kind, functions in {
+        "SiLU": (_F.silu,),
+        "GELU": (_F.gelu,),
+        "Sigmoid": (
+            torch.sigmoid,
+            torch.sigmoid_,
+            torch.Tensor.sigmoid,
+            torch.Tensor.sigmoid_,
+            _F.sigmoid,
+        ),
+        "Tanh": (torch.tanh, torch.tanh_, torch.Tensor.tanh, torch.Tensor.tanh_, _F.tanh),
+        "Hardswish": (_F.hardswish,),
+        "Hardsigmoid": (_F.hardsigmoid,),
+        "Hardtanh": _HARDTANHS,  # min_val=0 (ReLU6) is guided: _is_relu_call comes first
+        "ELU": (_F.elu, _F.elu_),
+        "SELU": (_F.selu, _F.selu_, torch.selu, torch.selu_),
+        "CELU": (_F.celu, _F.celu_, torch.celu, torch.celu_),
+        "LeakyReLU": (_F.leaky_relu, _F.leaky_relu_),
+        "RReLU": (_F.rrelu, _F.rrelu_, torch.rrelu, torch.rrelu_),
+        "PReLU": (_F.prelu, torch.prelu),
+        "Mish": (_F.mish,),
+        "Softplus": (_F.softplus,),
+        "LogSigmoid": (_F.logsigmoid,),
+        "Softsign": (_F.softsign,),
+        "GLU": (_F.glu,),
+    }.items()
+    for function in functions
+}
+
+
+def _unguided_kind(func: Any) -> str | None:
+    """The kind of nonlinearity ``func`` computes when guided backprop leaves it alone."""
+    try:
+        return _UNGUIDED_KINDS.get(func)
+    except TypeError:  # an unhashable callable
+        return None
