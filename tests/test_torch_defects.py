@@ -369,11 +369,8 @@ def test_training_mode_model_is_explained_in_eval_mode() -> None:
 def test_training_report_names_the_modules_that_depend_on_it() -> None:
     model = _train_net().train()
     report = _gradients(model, "features.conv2", _input()).training
-    assert report == (
-        "features.bn1 (BatchNorm2d)",
-        "drop (Dropout)",
-        "and 1 other module in training mode",  # TrainNet itself
-    )
+    # TrainNet itself is a user class whose source never reads `training`: not counted.
+    assert report == ("features.bn1 (BatchNorm2d)", "drop (Dropout)")
     assert _gradients(model.eval(), "features.conv2", _input()).training == ()
     assert _guided(model.train(), _input()).training == report
 
@@ -640,3 +637,14 @@ def test_nonlinearities_off_the_differentiated_path_are_not_named() -> None:
     result = _guided(Gated().eval(), _input())
     assert result.unguided_activations == ()
     assert result.guided_relus == 1
+
+
+def test_training_report_counts_user_modules_that_read_their_mode() -> None:
+    class StochasticDepth(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 0.5 if self.training else x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), StochasticDepth(), nn.Flatten(), nn.LazyLinear(2))
+    model(torch.zeros(1, 3, 8, 8))
+    report = _gradients(model.train(), "0", torch.zeros(1, 3, 8, 8)).training
+    assert report == ("and 1 other module in training mode",)

@@ -358,3 +358,79 @@ def test_distribution_name_is_not_taken_and_used_everywhere() -> None:
     for path in texts:
         assert "install 'multicam[" not in path.read_text(), path
         assert "install multicam " not in path.read_text(), path
+
+
+# --- 2. Training mode: explained in inference mode, said, diagnosed ---------------------------
+
+
+def test_training_mode_is_warned_and_diagnosed_torch() -> None:
+    require("torch")
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Dropout(0.5),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    reference = mc.GradCAM(model.eval(), "2")(x, targets=1, warn=False)
+    model.train()
+    with pytest.warns(mc.errors.TrainingModeWarning, match=r"1 \(BatchNorm2d\).*model.eval"):
+        res = mc.GradCAM(model, "2")(x, targets=1)
+    assert model.training and model[1].training
+    assert res.training == ("1 (BatchNorm2d)", "3 (Dropout)")
+    np.testing.assert_array_equal(res.maps, reference.maps)
+    assert "training_mode" in res.diagnose().codes()
+    assert "training_mode" not in reference.diagnose().codes()
+
+
+def test_a_plain_model_without_mode_dependent_layers_is_not_warned_about() -> None:
+    require("torch")
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+        def forward(self, x):  # type: ignore[no-untyped-def]
+            return self.head(self.conv(x).relu().mean((2, 3)))
+
+    x = np.random.default_rng(0).standard_normal((1, 3, 8, 8)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mc.errors.TrainingModeWarning)
+        res = mc.GradCAM(Net(), "conv")(x, targets=0, warn=True)  # train() by default
+    assert res.training == ()
+
+
+# --- 7. Guided backprop says what it cannot guide ---------------------------------------------
+
+
+@pytest.mark.parametrize(("activation", "kind"), [("SiLU", "SiLU"), ("GELU", "GELU")])
+def test_guided_backprop_on_smooth_activations_warns(activation: str, kind: str) -> None:
+    require("torch")
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        getattr(nn, activation)(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with pytest.warns(mc.errors.GuidedWarning, match=f"no ReLU.*{kind}.*plain input gradient"):
+        res = mc.GuidedBackprop(model)(x, targets=1)
+    assert res.guided_relus == 0 and res.unguided_activations == (kind,)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mc.errors.GuidedWarning)
+        mc.GuidedBackprop(model)(x, targets=1, warn=False)
+    model[1] = nn.ReLU()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", mc.errors.GuidedWarning)
+        relu = mc.GuidedBackprop(model)(x, targets=1)
+    assert relu.guided_relus == 1 and relu.unguided_activations == ()

@@ -33,6 +33,8 @@ note.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import re
 import sys
 import threading
@@ -543,12 +545,31 @@ def _training_report(model: torch.nn.Module, switched: list[torch.nn.Module]) ->
             and float(getattr(module, "dropout", 0.0)) > 0
         ):
             named.append(f"{name} ({kind})" if name else kind)
-        elif not type(module).__module__.startswith("torch."):
+        elif not type(module).__module__.startswith("torch.") and _reads_training(type(module)):
             others += 1
     if others:
         modules = "module" if others == 1 else "modules"
         named.append(f"and {others} other {modules} in training mode")
     return tuple(named)
+
+
+@functools.cache
+def _reads_training(cls: type) -> bool:
+    """Whether a user's module class may behave differently in training mode.
+
+    True when the source of any of its own (non-torch) classes mentions ``training``
+    (``if self.training:``, stochastic depth, custom dropout), or cannot be read.
+    """
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("torch") or klass is object:
+            continue
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):
+            return True
+        if "training" in source:
+            return True
+    return False
 
 
 def _chosen_output(outputs: Any, targets: Targets) -> torch.Tensor:
