@@ -15,8 +15,9 @@ Constraints:
   also computes are unused by the weights; they are kept in ``result.gradients``).
 - Targets: class ids only (``None``, an int, N ints, an ``(N, T)`` array, ``"all"``); a
   callable or region target raises :class:`~multicam.errors.TargetError`, because its
-  score cannot be read off the plain NumPy outputs of the perturbed passes. The model
-  must have one ``(N, C)`` output.
+  score cannot be read off the plain NumPy outputs of the perturbed passes. The explained
+  output (the only one, or the one ``output=`` chooses, e.g. a Hugging Face model's
+  ``"logits"``) must be ``(N, C)``.
 - ``inputs`` must be one array (NumPy or a framework tensor) in the backend's layout.
 """
 
@@ -235,7 +236,9 @@ class ScoreCAM(_Perturbation):
         for samples, channels in _chunks(n, k, batch_size):
             masks = algebra.resize(activations[samples, channels], size, "linear")
             masks = np.expand_dims(algebra.normalize(masks, spatial), channel_axis)
-            outputs = self.bound.outputs((x[samples] * masks).astype(x.dtype, copy=False))
+            outputs = self.bound.outputs(
+                (x[samples] * masks).astype(x.dtype, copy=False), self.output
+            )
             if self.weighting == "baseline":
                 outputs = _softmax(outputs, 1)
             scores[samples, channels] = self._target_scores(outputs, classes[samples])
@@ -245,7 +248,7 @@ class ScoreCAM(_Perturbation):
         baseline = np.empty(classes.shape, np.float64)
         for start in range(0, n, batch_size):
             rows = slice(start, start + batch_size)
-            outputs = self.bound.outputs(np.zeros_like(x[rows]))
+            outputs = self.bound.outputs(np.zeros_like(x[rows]), self.output)
             baseline[rows] = self._target_scores(_softmax(outputs, 1), classes[rows])
         return (scores - baseline[:, :, None]).astype(np.float32)
 
@@ -286,7 +289,7 @@ class AblationCAM(_Perturbation):
         for samples, channels in _chunks(n, k, batch_size):
             replaced = activations[samples].copy()
             replaced[np.arange(len(samples)), channels] = 0.0
-            outputs = self.bound.outputs_from_layer(x[samples], replaced)
+            outputs = self.bound.outputs_from_layer(x[samples], replaced, self.output)
             ablated[samples, channels] = self._target_scores(outputs, classes[samples])
         score = layer_gradients.scores.astype(np.float64)[:, :, None]  # (N, T, 1)
         drop = score - np.moveaxis(ablated, 1, 2)

@@ -255,33 +255,42 @@ class Targets:
     def select_output(self, outputs: Any) -> Any:
         """The one output to explain, from a model that may return several.
 
-        Args:
-            outputs: what the model returned: a tensor, or a tuple, list or dict of them.
-
-        Raises:
-            TargetError: several outputs and no ``output=`` choice, or a choice that does not
-                exist (the message lists what does).
+        See :func:`select_output`; the choice is this request's ``output``.
         """
-        several = isinstance(outputs, list | tuple | dict)
-        if not several:
-            if self.output not in (None, 0):
-                raise TargetError(
-                    f"output={self.output!r} was given, but the model returns a single "
-                    "output; drop output=."
-                )
-            return outputs
-        keys = list(outputs) if isinstance(outputs, dict) else list(range(len(outputs)))
-        if self.output is None:
-            if len(keys) == 1:
-                return outputs[keys[0]]
+        return select_output(outputs, self.output)
+
+
+def select_output(outputs: Any, output: int | str | None) -> Any:
+    """The one output to explain, from a model that may return several.
+
+    Args:
+        outputs: what the model returned: a tensor, or a tuple, list or dict of them (a
+            Hugging Face ``ModelOutput`` is a dict).
+        output: the index or key of the one to explain; ``None`` when there is one.
+
+    Raises:
+        TargetError: several outputs and no ``output=`` choice, or a choice that does not
+            exist (the message lists what does).
+    """
+    several = isinstance(outputs, list | tuple | dict)
+    if not several:
+        if output not in (None, 0):
             raise TargetError(
-                f"the model returns {len(keys)} outputs ({type(outputs).__name__} with keys "
-                f"{keys}); choose the one to explain with output=<key>, e.g. "
-                f"mc.GradCAM(model, layer, output={keys[0]!r})."
+                f"output={output!r} was given, but the model returns a single output; drop output=."
             )
-        if self.output not in keys:
-            raise TargetError(f"output={self.output!r} is not one of the model's outputs: {keys}.")
-        return outputs[self.output]
+        return outputs
+    keys = list(outputs) if isinstance(outputs, dict) else list(range(len(outputs)))
+    if output is None:
+        if len(keys) == 1:
+            return outputs[keys[0]]
+        raise TargetError(
+            f"the model returns {len(keys)} outputs ({type(outputs).__name__} with keys "
+            f"{keys}); choose the one to explain with output=<key>, e.g. "
+            f"mc.GradCAM(model, layer, output={keys[0]!r})."
+        )
+    if output not in keys:
+        raise TargetError(f"output={output!r} is not one of the model's outputs: {keys}.")
+    return outputs[output]
 
 
 def _check_non_negative(classes: np.ndarray) -> np.ndarray:

@@ -434,3 +434,45 @@ def test_guided_backprop_on_smooth_activations_warns(activation: str, kind: str)
         warnings.simplefilter("error", mc.errors.GuidedWarning)
         relu = mc.GuidedBackprop(model)(x, targets=1)
     assert relu.guided_relus == 1 and relu.unguided_activations == ()
+
+
+# --- 6. Score-CAM and Ablation-CAM follow output= ---------------------------------------------
+
+
+def _dict_output_model():  # type: ignore[no-untyped-def]
+    """A model returning a one-key dict, as a Hugging Face ``ImageClassifierOutput`` does."""
+    require("torch")
+    import torch
+    from torch import nn
+
+    class HFLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.features = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+            self.head = nn.Linear(6, 4)
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"logits": self.head(self.features(x).mean((2, 3)))}
+
+    class Plain(nn.Module):
+        def __init__(self, inner: HFLike) -> None:
+            super().__init__()
+            self.features, self.head = inner.features, inner.head
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.features(x).mean((2, 3)))
+
+    hf = HFLike().eval()
+    return hf, Plain(hf).eval()
+
+
+@pytest.mark.parametrize("method", [mc.ScoreCAM, mc.AblationCAM])
+@pytest.mark.parametrize("output", [None, "logits"])
+def test_perturbation_methods_follow_output(method: type, output: str | None) -> None:
+    hf, plain = _dict_output_model()
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    want = method(plain, "features.1")(x, targets=[1, 2], warn=False)
+    got = method(hf, "features.1", output=output)(x, targets=[1, 2], warn=False)
+    np.testing.assert_allclose(got.maps, want.maps, atol=1e-6)
+    np.testing.assert_allclose(got.weights, want.weights, rtol=1e-5, atol=1e-7)

@@ -115,18 +115,22 @@ class BoundModel(abc.ABC):
     # Optional capabilities. A backend that has one overrides it; the base says clearly
     # which method needs what the backend lacks.
 
-    def outputs(self, inputs: Any) -> np.ndarray:
+    def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
         """The model's outputs for a batch, without gradients (Score-CAM's masked passes).
 
         Args:
             inputs: a batch in the backend's native layout, NumPy or a framework tensor.
+            output: for a model with several outputs (tuple, list, dict), the index or key
+                of the one to return (:func:`multicam.targets.select_output`).
 
         Returns:
             The outputs as float32 NumPy, e.g. ``(N, C)``.
         """
         raise self._lacks("a plain forward pass (outputs)", "ScoreCAM")
 
-    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+    def outputs_from_layer(
+        self, inputs: Any, activations: np.ndarray, output: int | str | None = None
+    ) -> np.ndarray:
         """The model's outputs when the layer's output is replaced by ``activations``.
 
         Everything below the layer still runs on ``inputs`` (skip connections from below
@@ -135,6 +139,7 @@ class BoundModel(abc.ABC):
         Args:
             inputs: ``(M, ...)`` a batch in the backend's native layout.
             activations: ``(M, K, *S)`` channels-first float32, the replacement.
+            output: as for :meth:`outputs`.
 
         Returns:
             The outputs as float32 NumPy, e.g. ``(M, C)``.

@@ -53,7 +53,7 @@ from ..errors import (
     UnsupportedModelError,
     nearest_names,
 )
-from ..targets import Targets
+from ..targets import Targets, select_output
 from .base import (
     Backend,
     BoundModel,
@@ -290,12 +290,14 @@ class TorchBoundModel(BoundModel):
             training=training,
         )
 
-    def outputs(self, inputs: Any) -> np.ndarray:
+    def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
         """The model's outputs for a batch (eval mode, ``no_grad``), as float32 NumPy."""
         x = self._as_tensor(inputs)
-        return self._plain_forward(x)
+        return self._plain_forward(x, output)
 
-    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+    def outputs_from_layer(
+        self, inputs: Any, activations: np.ndarray, output: int | str | None = None
+    ) -> np.ndarray:
         """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
 
         A forward hook (acting for this thread only, like :meth:`gradients`') returns a copy
@@ -329,7 +331,7 @@ class TorchBoundModel(BoundModel):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            out = self._plain_forward(x)
+            out = self._plain_forward(x, output)
         finally:
             handle.remove()
         if len(calls) != 1:
@@ -339,7 +341,7 @@ class TorchBoundModel(BoundModel):
             )
         return out
 
-    def _plain_forward(self, x: torch.Tensor) -> np.ndarray:
+    def _plain_forward(self, x: torch.Tensor, output: int | str | None = None) -> np.ndarray:
         """One forward in eval mode without gradients; framework errors become InputError."""
         with (
             self._inference(),
@@ -347,11 +349,11 @@ class TorchBoundModel(BoundModel):
             torch.inference_mode(False),
             torch.no_grad(),
         ):
-            outputs = self.model(_private(x))
+            outputs = select_output(self.model(_private(x)), output)
         if not isinstance(outputs, torch.Tensor):
             raise TargetError(
-                f"the model returned {type(outputs).__name__}; models with several outputs "
-                "are not supported yet: wrap the model so that it returns one tensor."
+                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
+                "tensor output with output=."
             )
         result = outputs.detach().float().cpu().numpy()
         check_finite(result, "the model's outputs")
