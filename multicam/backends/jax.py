@@ -26,6 +26,13 @@ Constraints: the global JAX configuration is never changed (no ``jax_enable_x64`
 user's variables and nnx module are never mutated (nnx runs on a merged copy of its split
 state); results are float32 whatever the model computes in; inputs are channels-last.
 
+Training mode: the model is explained as it predicts. An nnx module left in train mode
+(``deterministic=False``, ``use_running_average=False``) runs with those switched on the
+copy; a linen ``__call__`` argument ``train``/``training`` defaulting to True, or
+``deterministic``/``use_running_average`` defaulting to False, is passed its inference
+value unless ``apply_kwargs`` sets it. What was switched is reported in
+``LayerGradients.training``.
+
 Threads: the computation is a pure function of the model's state and the input, so
 several threads may explain one model at once. Errors: a forward that fails inside
 JAX/Flax (e.g. parameters whose shapes do not fit the input) raises
@@ -37,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import sys
 import threading
 from collections.abc import Callable, Hashable, Iterator
@@ -54,7 +62,7 @@ from ..errors import (
     UnsupportedModelError,
     nearest_names,
 )
-from ..targets import Region, Targets
+from ..targets import Region, Targets, select_output
 from .base import (
     Backend,
     BoundModel,
@@ -65,6 +73,7 @@ from .base import (
     make_layer_gradients,
     replacement_activations,
 )
+from .tensorflow import _nonlinearity_kind  # imports no framework
 
 __all__ = [
     "FunctionPairBoundModel",
@@ -168,7 +177,8 @@ class JaxBoundModel(BoundModel):
     """A JAX model bound to one layer; subclasses say how to run it.
 
     A subclass implements :meth:`_arguments` (the dynamic pytree and the hashable static
-    part the jitted function takes), :meth:`_features` (the layer's output) and
+    part the jitted function takes, and what it switched to inference mode),
+    :meth:`_features` (the layer's output) and
     :meth:`_head` (the model's output with the layer's output replaced).
 
     Attributes:
@@ -188,9 +198,14 @@ class JaxBoundModel(BoundModel):
 
     # --- to implement ---------------------------------------------------------------
 
-    def _arguments(self) -> tuple[Any, Hashable]:
-        """The model's dynamic state (a pytree of arrays) and its hashable static part."""
-        return None, None
+    def _arguments(self) -> tuple[Any, Hashable, tuple[str, ...]]:
+        """The model's dynamic state, its hashable static part, and what they switched.
+
+        The dynamic state is a pytree of arrays; the last item names the parts of the
+        model left in training mode that these run in inference mode
+        (``LayerGradients.training``).
+        """
+        return None, None, ()
 
     def _features(self, dynamic: Any, static: Any, x: jax.Array) -> jax.Array:
         raise NotImplementedError
@@ -253,7 +268,7 @@ class JaxBoundModel(BoundModel):
                     "give every target the same spatial shape."
                 )
             masks = np.stack(arrays)  # (T, *S) or (T, N, *S)
-        dynamic, static = self._arguments()
+        dynamic, static, training = self._arguments()
         with self._forward_errors(x):
             activations, grads, scores, outputs, class_ids = self._jitted(
                 dynamic,
@@ -281,14 +296,20 @@ class JaxBoundModel(BoundModel):
             input_shape=tuple(x.shape),
             layer_name=self.layer_name,
             outputs=outputs,
+            training=training,
         )
 
-    def outputs(self, inputs: Any) -> np.ndarray:
-        """The model's outputs for a batch (jitted, cached per shape), as float32 NumPy."""
-        x = self._prepare(inputs)
-        return self._run_forward(x, None)
+    def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
+        """The model's outputs for a batch (jitted, cached per shape), as float32 NumPy.
 
-    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+        ``output`` chooses one of several outputs (see ``select_output``).
+        """
+        x = self._prepare(inputs)
+        return self._run_forward(x, None, output)
+
+    def outputs_from_layer(
+        self, inputs: Any, activations: np.ndarray, output: int | str | None = None
+    ) -> np.ndarray:
         """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
 
         Runs :meth:`_head` (jitted, cached per shape); everything below the layer sees
@@ -296,21 +317,31 @@ class JaxBoundModel(BoundModel):
         """
         x = self._prepare(inputs)
         a = replacement_activations(activations, int(x.shape[0]), self.layer_name, self.layout)
-        return self._run_forward(x, a)
+        return self._run_forward(x, a, output)
 
     @functools.cached_property
     def _forward_jitted(self) -> Callable[..., Any]:
-        return jax.jit(self._forward, static_argnames=("static",))
+        return jax.jit(self._forward, static_argnames=("static", "output"))
 
-    def _run_forward(self, x: Any, a: np.ndarray | None) -> np.ndarray:
-        dynamic, static = self._arguments()
+    def _run_forward(
+        self, x: Any, a: np.ndarray | None, output: int | str | None = None
+    ) -> np.ndarray:
+        dynamic, static, _ = self._arguments()
         with self._forward_errors(x):
-            out = self._forward_jitted(dynamic, x, a, static=static)
+            out = self._forward_jitted(dynamic, x, a, static=static, output=output)
         result = np.asarray(out, dtype=np.float32)
         check_finite(result, "the model's outputs")
         return result
 
-    def _forward(self, dynamic: Any, x: jax.Array, a: jax.Array | None, *, static: Any) -> Any:
+    def _forward(
+        self,
+        dynamic: Any,
+        x: jax.Array,
+        a: jax.Array | None,
+        *,
+        static: Any,
+        output: int | str | None = None,
+    ) -> Any:
         """Traced under jit: the outputs, with the layer's output replaced by ``a`` if given."""
         real = self._features(dynamic, static, x)  # dead code below the layer when replaced
         if not isinstance(real, jax.Array):
@@ -325,13 +356,11 @@ class JaxBoundModel(BoundModel):
                 f"the replacement activations have shape {tuple(a.shape)} (channels-last) but "
                 f"layer {self.layer_name!r} outputs {tuple(real.shape)} on this input."
             )
-        out = self._head(dynamic, static, x, a.astype(real.dtype))
-        if isinstance(out, list | tuple) and len(out) == 1:
-            out = out[0]
+        out = select_output(self._head(dynamic, static, x, a.astype(real.dtype)), output)
         if not isinstance(out, jax.Array):
             raise TargetError(
-                f"the model returned {type(out).__name__}; the perturbation methods explain "
-                "single-output models only: wrap the model so that it returns one array."
+                f"the chosen output is a {type(out).__name__}, not an array; choose an "
+                "array output with output=."
             )
         return out.astype(jnp.float32)
 
@@ -345,6 +374,11 @@ class JaxBoundModel(BoundModel):
         input shape and target kind (class ids are an argument). A ReLU the model captured
         under another name before the call (``from jax.nn import relu``, a ``functools.partial``,
         ``jnp.maximum(x, 0)``) is not guided.
+
+        The result reports ``guided_relus``, how many ReLU calls the forward guided, and
+        ``unguided_activations``, the kinds of the other nonlinearities in the traced forward
+        (``jax.nn.silu``, ``gelu``, ``elu``, ``sigmoid``, ``jnp.tanh``, ...: read from its
+        jaxpr, so also those captured under another name), which pass gradients ungated.
         """
         x = self._prepare(inputs)
         if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -353,7 +387,7 @@ class JaxBoundModel(BoundModel):
                 "pass floating-point input."
             )
         classes, score_fn = _target_arguments(targets)
-        dynamic, static = self._arguments()
+        dynamic, static, training = self._arguments()
         with self._forward_errors(x, " during guided backpropagation"), _guided_relus():
             if targets.kind == "region":  # masks are constants of the trace: no cache
                 result = self._guided_compute(
@@ -376,7 +410,7 @@ class JaxBoundModel(BoundModel):
                     static=static,
                     output=targets.output,
                 )
-        grads, scores, outputs, traced_ids = result
+        grads, scores, outputs, traced_ids, relus, kinds = result
         class_ids: np.ndarray | None = None
         if targets.kind in ("classes", "region"):
             class_ids = targets.class_ids(tuple(outputs.shape))  # validates the range
@@ -391,6 +425,9 @@ class JaxBoundModel(BoundModel):
             input_shape=tuple(x.shape),
             layer_name="input",
             outputs=outputs,
+            training=training,
+            guided_relus=int(relus),
+            unguided_activations=_kinds_of_mask(int(kinds)),
         )
 
     @functools.cached_property
@@ -414,10 +451,17 @@ class JaxBoundModel(BoundModel):
         static: Any,
         output: int | str | None,
         region: Targets | None = None,
-    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-        """(N, T, *x) guided gradients, (N, T) scores, outputs, class ids (if computed)."""
+    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, jax.Array, jax.Array]:
+        """Guided gradients (N, T, *x), scores (N, T), outputs, class ids (if computed).
+
+        Then the number of ReLUs guided and a bit mask of the unguided nonlinearities'
+        kinds: constants of the trace, so a cached compilation still reports them.
+        """
         n = x.shape[0]
         selector = Targets("all", n, output=output)
+        relus, kinds = _forward_nonlinearities(
+            functools.partial(self._guided_forward, dynamic, static), x
+        )
 
         def scored(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array | None]]:
             out = selector.select_output(self._guided_forward(dynamic, static, x))
@@ -462,6 +506,8 @@ class JaxBoundModel(BoundModel):
             s.astype(jnp.float32),
             out.astype(jnp.float32),
             None if mode == "classes" else ids,
+            jnp.asarray(relus, jnp.int32),
+            jnp.asarray(_mask_of_kinds(kinds), jnp.int32),
         )
 
     def _compute(
@@ -659,12 +705,88 @@ class _LinenTap:
         return out
 
 
+#: ``__call__`` arguments that switch a linen module between training and inference, and
+#: their inference values.
+_LINEN_INFERENCE = {
+    "train": False,
+    "training": False,
+    "deterministic": True,
+    "use_running_average": True,
+}
+
+
+def _linen_inference_kwargs(
+    module: Any, apply_kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """``apply_kwargs`` with inference values for defaulted training-mode arguments.
+
+    See :class:`LinenBoundModel`; also returns what was set, for ``training``.
+    """
+    method = apply_kwargs.get("method")
+    if method is None:
+        method = type(module).__call__
+    elif isinstance(method, str):
+        method = getattr(type(module), method, None)
+    try:
+        parameters = inspect.signature(method).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # not introspectable: apply as given
+        return dict(apply_kwargs), ()
+    kwargs = dict(apply_kwargs)
+    training = []
+    keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    for name, value in _LINEN_INFERENCE.items():
+        parameter = parameters.get(name)
+        if parameter is None or name in kwargs or parameter.kind not in keyword:
+            continue
+        if parameter.default is (not value):
+            kwargs[name] = value
+            training.append(f"apply({name}={value}) ({name} defaulted to {not value})")
+    return kwargs, tuple(training)
+
+
+@contextlib.contextmanager
+def _linen_scope_errors(
+    outer: contextlib.AbstractContextManager[None], training: tuple[str, ...]
+) -> Iterator[None]:
+    """``outer`` (the forward's errors), with flax's training-mode scope errors explained."""
+    from flax import errors
+
+    with outer:
+        try:
+            yield
+        except (errors.ModifyScopeVariableError, errors.InvalidRngError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            if isinstance(exc, errors.ModifyScopeVariableError):
+                what = (
+                    "tries to update a variable collection, which a module does in training "
+                    "mode (BatchNorm computing batch statistics)"
+                )
+            else:
+                what = "asks for a PRNG key, which a module does in training mode (Dropout)"
+            done = f" (multicam already set {', '.join(training)})" if training else ""
+            raise InputError(
+                f"the model's forward {what}: {type(exc).__name__}: {first}. multicam "
+                "explains the model in inference mode and never updates its variables, but "
+                f"could not switch this module to it from its __call__ signature{done}: pass "
+                'apply_kwargs={"train": False} (or the argument your module takes, e.g. '
+                '{"deterministic": True} or {"use_running_average": True}) to the '
+                "explainer, or build the module with its inference settings."
+            ) from exc
+
+
 class LinenBoundModel(JaxBoundModel):
     """A Flax linen module with its variables, bound to a module or perturbation path.
 
     Which paths exist is known only once the forward is traced (parameterless modules and
     perturbations leave no trace in ``variables``), so an unknown path raises
     :class:`LayerError` on the first call of :meth:`gradients`, not in ``bind``.
+
+    Inference mode: a ``train``/``training`` argument of the applied method that defaults
+    to True, or a ``deterministic``/``use_running_average`` one that defaults to False, and
+    that ``apply_kwargs`` does not set, is passed its inference value (reported in
+    ``LayerGradients.training``). A forward that still updates a variable collection or
+    asks for a PRNG key (training mode switched some other way) raises
+    :class:`~multicam.errors.InputError` naming ``apply_kwargs``.
     """
 
     def __init__(
@@ -679,11 +801,14 @@ class LinenBoundModel(JaxBoundModel):
         super().__init__(layer)
         self.module = module
         self.variables = variables
-        self.apply_kwargs = apply_kwargs
+        self.apply_kwargs, self.training = _linen_inference_kwargs(module, apply_kwargs)
         self.path = tuple(layer.strip("/").split("/"))
 
-    def _arguments(self) -> tuple[Any, Hashable]:
-        return self.variables, None
+    def _arguments(self) -> tuple[Any, Hashable, tuple[str, ...]]:
+        return self.variables, None, self.training
+
+    def _forward_errors(self, x: Any, during: str = "") -> contextlib.AbstractContextManager[None]:
+        return _linen_scope_errors(super()._forward_errors(x, during), self.training)
 
     def _run(self, variables: Any, x: jax.Array, tap: _LinenTap) -> Any:
         import flax.linen as nn
@@ -744,6 +869,27 @@ def _set_child(parent: Any, part: str, value: Any) -> None:
         setattr(parent, part, value)
 
 
+#: nnx module attributes that put a module in training mode, and their inference values
+#: (what ``Module.eval()`` sets).
+_NNX_INFERENCE = {"deterministic": True, "use_running_average": True}
+
+
+def _nnx_training_paths(model: Any) -> dict[tuple[Any, ...], Any]:
+    """The modules of ``model`` (path -> module) left in training mode."""
+    from flax import nnx
+
+    return {
+        tuple(path): node
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Module)
+        and any(getattr(node, name, None) is (not value) for name, value in _NNX_INFERENCE.items())
+    }
+
+
+def _nnx_path_name(path: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in path) if path else "<model>"
+
+
 def _nnx_module_paths(model: Any) -> list[str]:
     from flax import nnx
 
@@ -778,11 +924,28 @@ class NnxBoundModel(JaxBoundModel):
                 f"submodules: {nearest_names(layer, _nnx_module_paths(model))}."
             )
 
-    def _arguments(self) -> tuple[Any, Hashable]:
+    def _arguments(self) -> tuple[Any, Hashable, tuple[str, ...]]:
+        """The split state of the model, in eval mode if the user left it in train mode.
+
+        Modules with ``deterministic=False`` (Dropout) or ``use_running_average=False``
+        (BatchNorm) are switched on a merged copy, never on the user's module, and
+        reported as ``"path (Kind)"``.
+        """
         from flax import nnx
 
         graphdef, state = nnx.split(self.model)
-        return state, graphdef
+        switched = _nnx_training_paths(self.model)
+        if switched:
+            copy = nnx.merge(graphdef, state)  # a copy: the user's module is never touched
+            for module in _nnx_training_paths(copy).values():
+                for name, value in _NNX_INFERENCE.items():
+                    if getattr(module, name, None) is (not value):
+                        setattr(module, name, value)
+            graphdef, state = nnx.split(copy)
+        training = tuple(
+            f"{_nnx_path_name(path)} ({type(module).__name__})" for path, module in switched.items()
+        )
+        return state, graphdef, training
 
     def _run(self, state: Any, graphdef: Any, x: jax.Array, replacement: Any) -> Any:
         from flax import nnx
@@ -870,8 +1033,75 @@ _ORIGINAL_RELU = jax.nn.relu
 def _relu_dispatch(x: Any) -> Any:
     """``jax.nn.relu`` while patched: guided for the explaining thread, else the original."""
     if getattr(_GUIDED_LOCAL, "depth", 0):
+        counter = getattr(_GUIDED_LOCAL, "counter", None)
+        if counter is not None:
+            counter[0] += 1
         return _guided_relu(x)
     return _ORIGINAL_RELU(x)
+
+
+#: The kinds ``LayerGradients.unguided_activations`` may report, one bit each.
+_KINDS = ("ELU", "GELU", "Hardswish", "LeakyReLU", "Mish", "SiLU", "Sigmoid", "Softplus", "Tanh")
+#: Primitives that are a nonlinearity of their own, or part of one (GELU's erf).
+_NONLINEAR_PRIMITIVES = {"tanh": "Tanh", "logistic": "Sigmoid", "erf": None, "erfc": None}
+
+
+def _mask_of_kinds(kinds: set[str]) -> int:
+    return sum(1 << i for i, kind in enumerate(_KINDS) if kind in kinds)
+
+
+def _kinds_of_mask(mask: int) -> tuple[str, ...]:
+    return tuple(kind for i, kind in enumerate(_KINDS) if mask >> i & 1)
+
+
+def _forward_nonlinearities(forward: Callable[[Any], Any], x: Any) -> tuple[int, set[str]]:
+    """How many ReLUs ``forward`` guides, and the kinds of its other nonlinearities.
+
+    Traces ``forward`` once more to a jaxpr (under the guided-ReLU patch, whose
+    dispatcher counts its calls) and reads the nonlinearities from it: calls of jitted
+    ``jax.nn`` activations by name (``silu``, ``elu``, ``softplus``, ...), and ``tanh``,
+    ``logistic`` and ``erf`` primitives, named by the activation function they were
+    traced in (``gelu``, ``sigmoid``) or else by themselves.
+    """
+    counter = [0]
+    previous = getattr(_GUIDED_LOCAL, "counter", None)
+    _GUIDED_LOCAL.counter = counter
+    try:
+        closed = jax.make_jaxpr(forward)(x)
+    finally:
+        _GUIDED_LOCAL.counter = previous
+    kinds: set[str] = set()
+    _jaxpr_nonlinearities(closed.jaxpr, kinds)
+    return counter[0], kinds
+
+
+def _jaxpr_nonlinearities(jaxpr: Any, kinds: set[str]) -> None:
+    for eqn in jaxpr.eqns:
+        primitive = eqn.primitive.name
+        name = eqn.params.get("name")
+        kind = _nonlinearity_kind(name) if isinstance(name, str) else None
+        if kind is not None:  # a jitted activation: jax.nn.silu, elu, softplus, ...
+            kinds.add(kind)
+            continue
+        if primitive in _NONLINEAR_PRIMITIVES:
+            kind = _traced_in(eqn) or _NONLINEAR_PRIMITIVES[primitive]
+            if kind is not None:
+                kinds.add(kind)
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+                if hasattr(inner, "eqns"):
+                    _jaxpr_nonlinearities(inner, kinds)
+
+
+def _traced_in(eqn: Any) -> str | None:
+    """The kind of the innermost activation function ``eqn`` was traced in, if any."""
+    traceback = getattr(eqn.source_info, "traceback", None)
+    for frame in getattr(traceback, "frames", None) or ():
+        kind = _nonlinearity_kind(str(frame.function_name).rsplit(".", 1)[-1])
+        if kind is not None:
+            return kind
+    return None
 
 
 @contextlib.contextmanager

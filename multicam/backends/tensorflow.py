@@ -6,17 +6,22 @@ gradients of the target scores with respect to that output, and the scores
 :mod:`multicam.algebra`.
 
 Mechanism: for the duration of one eager forward pass, the bound layer instance's ``call``
-is shadowed by a wrapper that records its output and ``watch``-es it on a
-``tf.GradientTape(watch_accessed_variables=False)``. Nothing upstream of the layer is
-recorded, no variable is differentiated, and because the model is simply called, layers
-inside nested models, Sequential, Functional and subclassed models all work (no rebuilt
-"sub-model", hence no "Graph disconnected" error). The original ``call`` is restored in a
-``finally``, so the model is exactly as before, also when its forward raises; no trainable
-flag and no global TensorFlow or Keras setting is touched.
+(or that of an operation of a functional graph that is not a Layer, such as the ``Add`` of
+``x + skip``, chosen by name, object or KerasTensor) is shadowed by a wrapper that records
+its output and ``watch``-es it on a ``tf.GradientTape(watch_accessed_variables=False)``.
+Nothing upstream of the layer is recorded, no variable is differentiated, and because the
+model is simply called, layers inside nested models, Sequential, Functional and subclassed
+models all work (no rebuilt "sub-model", hence no "Graph disconnected" error). The
+original ``call`` is restored in a ``finally``, so the model is exactly as before, also
+when its forward raises; no trainable flag and no global TensorFlow or Keras setting is
+touched. Every forward runs with ``training=False``: the model is explained as it predicts
+(Dropout off, BatchNorm on its moving statistics); Keras' training flag is per call, so
+nothing is switched and nothing is reported in ``LayerGradients.training``.
 
 Constraints: one forward pass per batch whatever the number of targets T (T > 1 uses a
 vectorised batch Jacobian, falling back to T backward passes over the same tape); the
-chosen layer must be called exactly once per forward; single-output models only;
+chosen layer must be called exactly once per forward; one output is explained (chosen
+with ``output=`` when the model has several);
 ``tensorflow`` and ``keras`` are imported only when a model is bound, never to answer
 :meth:`TensorFlowBackend.accepts`.
 
@@ -51,7 +56,7 @@ from ..errors import (
     UnsupportedModelError,
     nearest_names,
 )
-from ..targets import Targets
+from ..targets import Targets, select_output
 from .base import (
     Backend,
     BoundModel,
@@ -98,7 +103,11 @@ class TensorFlowBackend(Backend):
             model: a Keras 3 model (Functional, Sequential or subclassed) or layer, running
                 on the TensorFlow backend.
             layer: the layer's name, its path through nested models (``"block2/conv1"``),
-                a unique bare name of a nested layer, or the layer object itself.
+                a unique bare name of a nested layer, or the layer object itself; in a
+                functional model also any node of its graph that is not a Layer: the name
+                of an operation in ``model.operations`` (``"add_17"``, a residual sum
+                ``x + skip``), the operation object, or a ``KerasTensor`` of the graph
+                (the ``y`` of ``y = x + skip``).
             **options: ``layout`` (``"channels_last"`` or ``"channels_first"``) overrides
                 the layout read from the layer's ``data_format``.
 
@@ -127,13 +136,13 @@ class TensorFlowBackend(Backend):
                 "it accepts: layout."
             )
         named = list(_named_layers(model))
-        path, target = _resolve_layer(model, layer, named)
+        path, target, index = _resolve_layer(model, layer, named)
         layout = options.get("layout") or _layout_of(target, named)
         if layout not in ("channels_last", "channels_first"):
             raise BackendError(
                 f"layout={layout!r} is not understood; use 'channels_last' or 'channels_first'."
             )
-        return TensorFlowBoundModel(model, target, path, layout)
+        return TensorFlowBoundModel(model, target, path, layout, index)
 
 
 class TensorFlowBoundModel(BoundModel):
@@ -141,12 +150,25 @@ class TensorFlowBoundModel(BoundModel):
 
     backend: ClassVar[str] = "tensorflow"
 
-    def __init__(self, model: Any, layer: Any, layer_name: str, layout: Layout) -> None:
-        """Store the resolved layer; use :meth:`TensorFlowBackend.bind` to make one."""
+    def __init__(
+        self,
+        model: Any,
+        layer: Any,
+        layer_name: str,
+        layout: Layout,
+        output_index: int | None = None,
+    ) -> None:
+        """Store the resolved layer; use :meth:`TensorFlowBackend.bind` to make one.
+
+        ``layer`` is a Layer or any other Keras operation of the model's graph;
+        ``output_index`` picks one output of an operation that returns several (a
+        ``KerasTensor`` chosen as the layer says which).
+        """
         self.model = model
         self.layer = layer
         self.layer_name = layer_name
         self.layout = layout
+        self.output_index = output_index
 
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         """Run one forward pass and one batched backward pass to the bound layer.
@@ -173,7 +195,7 @@ class TensorFlowBoundModel(BoundModel):
         x = self._prepare_inputs(inputs)
         first = tf.nest.flatten(x)[0]
         input_shape = tuple(int(d) for d in first.shape)
-        record = _Record()
+        record = _Record(self.output_index)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             restore = _install(self.layer, record, tape)
             try:
@@ -206,11 +228,16 @@ class TensorFlowBoundModel(BoundModel):
             outputs=tf.cast(outputs, tf.float32).numpy(),
         )
 
-    def outputs(self, inputs: Any) -> np.ndarray:
-        """The model's outputs for a batch (``training=False``), as float32 NumPy."""
-        return self._plain_forward(self._prepare_inputs(inputs), None)
+    def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
+        """The model's outputs for a batch (``training=False``), as float32 NumPy.
 
-    def outputs_from_layer(self, inputs: Any, activations: np.ndarray) -> np.ndarray:
+        ``output`` chooses one of several outputs (see ``select_output``).
+        """
+        return self._plain_forward(self._prepare_inputs(inputs), None, output)
+
+    def outputs_from_layer(
+        self, inputs: Any, activations: np.ndarray, output: int | str | None = None
+    ) -> np.ndarray:
         """The outputs with the layer's output replaced by ``activations`` (M, K, *S).
 
         The same shadowing wrapper as :meth:`gradients` returns the replacement instead of
@@ -231,12 +258,14 @@ class TensorFlowBoundModel(BoundModel):
                 )
             return tf.cast(tf.convert_to_tensor(replacement), output.dtype)
 
-        record = _ReplacingRecord(replace)
-        out = self._plain_forward(x, record)
+        record = _ReplacingRecord(replace, self.output_index)
+        out = self._plain_forward(x, record, output)
         self._recorded_activations(record)  # the layer ran exactly once
         return out
 
-    def _plain_forward(self, x: Any, record: _Record | None) -> np.ndarray:
+    def _plain_forward(
+        self, x: Any, record: _Record | None, output: int | str | None = None
+    ) -> np.ndarray:
         """One forward, swapping the layer's output if ``record`` says so; float32 NumPy."""
         import tensorflow as tf
 
@@ -253,13 +282,11 @@ class TensorFlowBoundModel(BoundModel):
         finally:
             if restore is not None:
                 restore()
-        if isinstance(outputs, list | tuple) and len(outputs) == 1:
-            outputs = outputs[0]
+        outputs = select_output(outputs, output)
         if isinstance(outputs, list | tuple | dict):
             raise TargetError(
-                f"the model returned {type(outputs).__name__} of {len(outputs)} outputs; the "
-                "perturbation methods explain single-output models only: wrap the model so "
-                "that it returns the one output to explain."
+                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
+                "tensor output with output=."
             )
         result = tf.cast(tf.convert_to_tensor(outputs), tf.float32).numpy()
         check_finite(result, "the model's outputs")
@@ -269,14 +296,21 @@ class TensorFlowBoundModel(BoundModel):
         """Guided backpropagation to the input (single-input models).
 
         For one forward pass, every ReLU layer (``keras.layers.ReLU`` without a negative
-        slope) has its ``call``, and every layer whose ``activation`` is a ReLU
+        slope), every ReLU operation of a functional graph (``keras.ops.relu`` on a
+        KerasTensor) and every layer whose ``activation`` is a ReLU
         (``Conv2D(activation="relu")``, ``Dense``, ``Activation("relu")``; ``relu`` or
-        ``relu6`` of Keras or ``tf.nn``) its ``activation``, shadowed by a wrapper that
-        passes the output through a ``tf.custom_gradient`` gate: identity forward, backward
-        ``max(dy, 0)``; the ReLU's own backward then masks by ``input > 0``. The gate acts
-        only for the thread that is explaining; the attributes are restored in a
-        ``finally``. A ReLU written inline in a subclassed model's ``call``
-        (``tf.nn.relu(x)``, ``keras.ops.relu(x)``) is not guided.
+        ``relu6`` of Keras or ``tf.nn``) has its ``call`` or ``activation`` shadowed by a
+        wrapper that passes the output through a ``tf.custom_gradient`` gate: identity
+        forward, backward ``max(dy, 0)``; the ReLU's own backward then masks by
+        ``input > 0``. The gate acts only for the thread that is explaining; the attributes
+        are restored in a ``finally``. A ReLU written inline in a subclassed model's
+        ``call`` (``tf.nn.relu(x)``, ``keras.ops.relu(x)``) is not guided.
+
+        The result reports ``guided_relus``, how many ReLU calls the forward gated, and
+        ``unguided_activations``, the kinds of the other nonlinearities that ran (layers'
+        ``activation`` such as ``"swish"``/``"gelu"``, layers and graph operations such as
+        ``ELU``, ``LeakyReLU``, ``keras.ops.silu``), which guided backpropagation passes
+        through ungated; inline ones in a subclassed model's ``call`` are not seen.
         """
         import tensorflow as tf
 
@@ -294,7 +328,7 @@ class TensorFlowBoundModel(BoundModel):
         input_shape = tuple(int(d) for d in x.shape)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             tape.watch(x)
-            restore = _install_guided(self.model)
+            restore, stats = _install_guided(self.model)
             try:
                 with self._forward_errors(
                     input_shape,
@@ -321,6 +355,8 @@ class TensorFlowBoundModel(BoundModel):
             input_shape=input_shape,
             layer_name="input",
             outputs=tf.cast(outputs, tf.float32).numpy(),
+            guided_relus=stats.relus,
+            unguided_activations=sorted(stats.kinds),
         )
 
     def _forward_errors(
@@ -485,19 +521,23 @@ def _as_array(inputs: Any) -> np.ndarray:
 
 
 class _Record:
-    """What the wrapped ``call`` saw during one forward."""
+    """What the wrapped ``call`` saw during one forward.
 
-    def __init__(self) -> None:
+    ``index`` picks one element of an operation that returns a list or tuple.
+    """
+
+    def __init__(self, index: int | None = None) -> None:
         self.calls = 0
         self.depth = 0
+        self.index = index
         self.output: Any = None
 
 
 class _ReplacingRecord(_Record):
     """A record whose layer output is swapped for ``replace(output)`` (outputs_from_layer)."""
 
-    def __init__(self, replace: Any) -> None:
-        super().__init__()
+    def __init__(self, replace: Any, index: int | None = None) -> None:
+        super().__init__(index)
         self.replace = replace
 
 
@@ -542,12 +582,20 @@ class _LayerTap:
             if record.depth == 0:
                 record.calls += 1
                 if record.calls == 1:
-                    if not isinstance(output, list | tuple | dict):
-                        tape.watch(output)
-                    record.output = output
+                    chosen = output
+                    index = record.index
+                    if index is not None and isinstance(output, list | tuple):
+                        chosen = output[index]
+                    if not isinstance(chosen, list | tuple | dict):
+                        tape.watch(chosen)
+                    record.output = chosen
                     replace = getattr(record, "replace", None)
                     if replace is not None:  # outputs_from_layer: swap the output
-                        return replace(output)
+                        if chosen is output:
+                            return replace(output)
+                        items = list(output)
+                        items[index] = replace(chosen)
+                        return tuple(items) if isinstance(output, tuple) else items
             return output
 
         return recording_call
@@ -598,11 +646,21 @@ def _restore(layer: Any, saved: list[tuple[str, Any]]) -> None:
 
 
 def _children(layer: Any) -> list[Any]:
-    """The direct sub-layers of ``layer``, without input layers."""
+    """The direct sub-layers of ``layer``, without input layers.
+
+    For a functional model, every operation of its graph in topological order: its
+    Layers and the operations that are not Layers (``x + skip``, ``keras.ops.*`` on
+    KerasTensors).
+    """
     import keras
 
-    if isinstance(layer, keras.Model):
+    operations = getattr(layer, "operations", None) if isinstance(layer, keras.Model) else None
+    if isinstance(operations, list):  # a functional model: its graph's operations
+        children = operations
+    elif isinstance(layer, keras.Model):
         children = list(layer.layers)
+    elif not isinstance(layer, keras.layers.Layer):  # an operation that is not a Layer
+        children = []
     else:
         try:
             children = list(layer._flatten_layers(include_self=False, recursive=False))
@@ -612,7 +670,11 @@ def _children(layer: Any) -> list[Any]:
 
 
 def _named_layers(model: Any) -> Iterator[tuple[str, Any]]:
-    """``(path, layer)`` for every layer under ``model``, parents before children."""
+    """``(path, layer)`` for every layer under ``model``, parents before children.
+
+    Includes the operations of functional models that are not Layers (see
+    :func:`_children`), so they can be chosen by name like layers.
+    """
     seen: set[int] = {id(model)}
 
     def walk(layer: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -627,39 +689,57 @@ def _named_layers(model: Any) -> Iterator[tuple[str, Any]]:
     yield from walk(model, "")
 
 
-def _resolve_layer(model: Any, layer: Any, named: list[tuple[str, Any]]) -> tuple[str, Any]:
-    """Find ``layer`` (a path, a bare name or a layer object) among ``named``."""
+def _resolve_layer(
+    model: Any, layer: Any, named: list[tuple[str, Any]]
+) -> tuple[str, Any, int | None]:
+    """Find ``layer`` among ``named``: its path, the layer or operation, its output index.
+
+    ``layer`` is a path, a bare name, a Layer, an operation of a functional graph, or a
+    ``KerasTensor`` (the output of one of those; the index picks it when the operation
+    returns several).
+    """
     import keras
 
     paths = [path for path, _ in named]
-    if isinstance(layer, keras.layers.Layer):
+    index = None
+    if isinstance(layer, keras.KerasTensor):
+        layer, index = _tensor_operation(layer, paths)
+    if isinstance(layer, keras.Operation):
         for path, candidate in named:
             if candidate is layer:
-                return path, candidate
+                return _indexed(path, candidate, index)
+        name = str(getattr(layer, "name", ""))
         if layer is model:
             raise LayerError(
                 "the chosen layer is the model itself, whose output has no spatial "
-                "dimensions; choose one of its layers, e.g. "
-                + nearest_names(getattr(layer, "name", ""), paths)
+                "dimensions; choose one of its layers, e.g. " + nearest_names(name, paths)
             )
+        kind = "layer" if isinstance(layer, keras.layers.Layer) else "operation"
         raise LayerError(
-            f"the layer object {layer.name!r} is not part of this model. Layers of the "
-            f"model include: {nearest_names(layer.name, paths)}."
+            f"the {kind} object {name!r} is not part of this model (not one of its layers "
+            f"nor an operation of its graph). Layers and operations of the model include: "
+            f"{nearest_names(name, paths)}."
         )
     if not isinstance(layer, str):
         raise LayerError(
-            f"layer must be a layer name, a path such as 'block2/conv1', or a Keras layer "
-            f"object; got {type(layer).__name__}."
+            f"layer must be a layer or operation name, a path such as 'block2/conv1', a "
+            f"Keras layer or operation object, or a KerasTensor of the model's graph; got "
+            f"{type(layer).__name__}."
         )
-    by_path = dict(named)
     for candidate in (layer, layer.replace(".", "/")):
-        if candidate in by_path:
-            return candidate, by_path[candidate]
+        exact = [(path, obj) for path, obj in named if path == candidate]
+        if len(exact) == 1:
+            return exact[0][0], exact[0][1], None
+        if len(exact) > 1:
+            raise LayerError(
+                f"layer name {layer!r} names {len(exact)} different layers or operations of "
+                "the model; pass the layer object, or a KerasTensor of its output, instead."
+            )
     leaf = layer.replace(".", "/").rsplit("/", 1)[-1] if "/" not in layer else None
     if leaf is not None:
         matches = [(path, obj) for path, obj in named if path.rsplit("/", 1)[-1] == leaf]
         if len(matches) == 1:
-            return matches[0]
+            return matches[0][0], matches[0][1], None
         if len(matches) > 1:
             raise LayerError(
                 f"layer name {layer!r} is ambiguous: it matches "
@@ -672,9 +752,41 @@ def _resolve_layer(model: Any, layer: Any, named: list[tuple[str, Any]]) -> tupl
             "assigned as attributes of a subclassed model)."
         )
     raise LayerError(
-        f"no layer {layer!r} in model {getattr(model, 'name', '')!r}; nested layers are "
-        f"addressed by path, e.g. 'block2/conv1'. Did you mean: {nearest_names(layer, paths)}?"
+        f"no layer {layer!r} in model {getattr(model, 'name', '')!r} (neither a layer nor "
+        f"an operation of its graph, such as a residual 'add'); nested layers are addressed "
+        f"by path, e.g. 'block2/conv1'. Did you mean: {nearest_names(layer, paths)}?"
     )
+
+
+def _tensor_operation(tensor: Any, paths: list[str]) -> tuple[Any, int | None]:
+    """The operation that computed a ``KerasTensor`` and which of its outputs it is."""
+    import keras
+
+    history = getattr(tensor, "_keras_history", None)
+    name = str(getattr(tensor, "name", ""))
+    if history is None:
+        raise LayerError(
+            f"the KerasTensor {name!r} was not computed by a layer or operation of a "
+            "functional graph (it has no Keras history); pass a KerasTensor returned by a "
+            "layer or operation of the model, or a layer name such as " + nearest_names(name, paths)
+        )
+    operation, node_index, tensor_index = history
+    if isinstance(operation, keras.layers.InputLayer):
+        raise LayerError(
+            f"the KerasTensor {name!r} is an input of the model, not the output of one of "
+            "its layers; choose a layer's output (guided backpropagation explains the input "
+            "itself)."
+        )
+    try:
+        outputs = operation._inbound_nodes[node_index].outputs
+    except (AttributeError, IndexError, TypeError):
+        outputs = (tensor,)
+    return operation, (int(tensor_index) if len(outputs) > 1 else None)
+
+
+def _indexed(path: str, operation: Any, index: int | None) -> tuple[str, Any, int | None]:
+    """The resolved layer; an output of a several-output operation is named ``path[i]``."""
+    return (path if index is None else f"{path}[{index}]"), operation, index
 
 
 def _layout_of(layer: Any, named: list[tuple[str, Any]]) -> Layout:
@@ -759,12 +871,30 @@ def _guided_gate(y: Any) -> Any:
     return gate(y)
 
 
-def _guided_wrap(method: Any) -> Any:
+class _GuidedStats:
+    """What one guided forward ran through: ReLUs guided, other nonlinearities' kinds."""
+
+    def __init__(self) -> None:
+        self.relus = 0
+        self.kinds: set[str] = set()
+
+
+def _guided_wrap(method: Any, kind: str | None) -> Any:
+    """``method`` gated (``kind`` None: a ReLU), or noted as an unguided ``kind``.
+
+    Acts only for the thread whose guided forward is running (its ``_GUIDED_LOCAL.stats``).
+    """
     import tensorflow as tf
 
     def guided(*args: Any, **kwargs: Any) -> Any:
         out = method(*args, **kwargs)
-        if getattr(_GUIDED_LOCAL, "depth", 0) and isinstance(out, tf.Tensor):
+        stats = getattr(_GUIDED_LOCAL, "stats", None)
+        if stats is None:
+            return out
+        if kind is not None:
+            stats.kinds.add(kind)
+        elif isinstance(out, tf.Tensor):
+            stats.relus += 1
             return _guided_gate(out)
         return out
 
@@ -788,17 +918,73 @@ def _relu_functions() -> set[int]:
     }
 
 
-def _install_guided(model: Any) -> Any:
-    """Shadow the ReLUs of ``model`` with guided ones for this thread; return the undo."""
+#: Nonlinearities guided backpropagation cannot guide, by their normalised function or
+#: class name (lower case, no underscores), as the kinds reported in
+#: ``LayerGradients.unguided_activations``.
+_UNGUIDED_KINDS = {
+    "silu": "SiLU",
+    "swish": "SiLU",
+    "gelu": "GELU",
+    "elu": "ELU",
+    "selu": "ELU",
+    "celu": "ELU",
+    "leakyrelu": "LeakyReLU",
+    "prelu": "LeakyReLU",
+    "sigmoid": "Sigmoid",
+    "logistic": "Sigmoid",
+    "hardsigmoid": "Sigmoid",
+    "logsigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "hardtanh": "Tanh",
+    "softplus": "Softplus",
+    "hardsilu": "Hardswish",
+    "hardswish": "Hardswish",
+    "mish": "Mish",
+}
+
+
+def _nonlinearity_kind(name: str) -> str | None:
+    """The reported kind of a nonlinearity named ``name`` (``"swish"``, ``"Gelu"``), or None."""
+    return _UNGUIDED_KINDS.get(name.lower().replace("_", ""))
+
+
+def _guided_sites(model: Any) -> list[tuple[Any, str, str | None]]:
+    """``(layer, attribute, kind)`` to shadow: kind None for a ReLU to guide.
+
+    ReLUs: ``keras.layers.ReLU`` without a negative slope, a ``relu``/``relu6``
+    ``activation`` attribute (Dense, Conv, Activation), and ReLU operations of functional
+    graphs (``keras.ops.relu`` on a KerasTensor). Other nonlinearities (by their
+    ``activation`` function's or their class's name) are only noted when they run.
+    """
     import keras
 
     relus = _relu_functions()
-    found: list[tuple[Any, str]] = []
+    sites: list[tuple[Any, str, str | None]] = []
     for layer in [model, *(layer for _, layer in _named_layers(model))]:
-        if isinstance(layer, keras.layers.ReLU) and not float(layer.negative_slope or 0):
-            found.append((layer, "call"))
-        elif id(getattr(layer, "activation", None)) in relus:
-            found.append((layer, "activation"))
+        activation = layer.__dict__.get("activation")  # a property (LSTM) is not patched
+        if isinstance(layer, keras.layers.Layer) and callable(activation):
+            if id(activation) in relus:
+                sites.append((layer, "activation", None))
+            elif kind := _nonlinearity_kind(getattr(activation, "__name__", "")):
+                sites.append((layer, "activation", kind))
+            continue
+        name = type(layer).__name__.lower()
+        ours = type(layer).__module__.split(".", 1)[0] == "keras"
+        if ours and name in ("relu", "relu6"):  # keras.layers.ReLU, ReLU operations
+            slope = getattr(layer, "negative_slope", 0)
+            kind = "LeakyReLU" if float(slope or 0) else None
+            sites.append((layer, "call", kind))
+        elif kind := _nonlinearity_kind(name):  # also a user's own GELU layer: noted only
+            sites.append((layer, "call", kind))
+    return sites
+
+
+def _install_guided(model: Any) -> tuple[Any, _GuidedStats]:
+    """Shadow the ReLUs of ``model`` with guided ones for this thread.
+
+    Returns the undo function and the statistics the forward fills in.
+    """
+    found = _guided_sites(model)
     installed: list[tuple[int, str]] = []
 
     def release() -> None:  # under _GUIDED_LOCK
@@ -814,12 +1000,12 @@ def _install_guided(model: Any) -> Any:
 
     with _GUIDED_LOCK:
         try:
-            for layer, attribute in found:
+            for layer, attribute, kind in found:
                 key = (id(layer), attribute)
                 entry = _GUIDED_PATCHES.get(key)
                 if entry is None or entry[0] is not layer:
                     saved = layer.__dict__.get(attribute, _MISSING)
-                    wrapper = _guided_wrap(getattr(layer, attribute))
+                    wrapper = _guided_wrap(getattr(layer, attribute), kind)
                     object.__setattr__(layer, attribute, wrapper)
                     entry = _GUIDED_PATCHES[key] = [layer, saved, 0, wrapper]
                 entry[2] += 1
@@ -827,11 +1013,13 @@ def _install_guided(model: Any) -> Any:
         except BaseException:
             release()
             raise
-    _GUIDED_LOCAL.depth = getattr(_GUIDED_LOCAL, "depth", 0) + 1
+    stats = _GuidedStats()
+    previous = getattr(_GUIDED_LOCAL, "stats", None)
+    _GUIDED_LOCAL.stats = stats
 
     def undo() -> None:
-        _GUIDED_LOCAL.depth -= 1
+        _GUIDED_LOCAL.stats = previous
         with _GUIDED_LOCK:
             release()
 
-    return undo
+    return undo, stats
