@@ -435,3 +435,33 @@ def replacement_activations(
     if layout == "channels_last":
         array = np.moveaxis(array, 1, -1)
     return np.ascontiguousarray(array)
+
+
+#: Nonlinearities guided backpropagation cannot guide, by their normalised function or
+#: class name (lower case, no underscores), as the kinds reported in
+#: ``LayerGradients.unguided_activations``.
+UNGUIDED_KINDS = {
+    "silu": "SiLU",
+    "swish": "SiLU",
+    "gelu": "GELU",
+    "elu": "ELU",
+    "selu": "ELU",
+    "celu": "ELU",
+    "leakyrelu": "LeakyReLU",
+    "prelu": "LeakyReLU",
+    "sigmoid": "Sigmoid",
+    "logistic": "Sigmoid",
+    "hardsigmoid": "Sigmoid",
+    "logsigmoid": "Sigmoid",
+    "tanh": "Tanh",
+    "hardtanh": "Tanh",
+    "softplus": "Softplus",
+    "hardsilu": "Hardswish",
+    "hardswish": "Hardswish",
+    "mish": "Mish",
+}
+
+
+def nonlinearity_kind(name: str) -> str | None:
+    """The reported kind of a nonlinearity named ``name`` (``"swish"``, ``"Gelu"``), or None."""
+    return UNGUIDED_KINDS.get(name.lower().replace("_", ""))

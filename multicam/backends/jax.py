@@ -71,9 +71,9 @@ from .base import (
     check_finite_input,
     forward_errors,
     make_layer_gradients,
+    nonlinearity_kind,
     replacement_activations,
 )
-from .tensorflow import _nonlinearity_kind  # imports no framework
 
 __all__ = [
     "FunctionPairBoundModel",
@@ -1079,7 +1079,7 @@ def _jaxpr_nonlinearities(jaxpr: Any, kinds: set[str]) -> None:
     for eqn in jaxpr.eqns:
         primitive = eqn.primitive.name
         name = eqn.params.get("name")
-        kind = _nonlinearity_kind(name) if isinstance(name, str) else None
+        kind = nonlinearity_kind(name) if isinstance(name, str) else None
         if kind is not None:  # a jitted activation: jax.nn.silu, elu, softplus, ...
             kinds.add(kind)
             continue
@@ -1098,7 +1098,7 @@ def _traced_in(eqn: Any) -> str | None:
     """The kind of the innermost activation function ``eqn`` was traced in, if any."""
     traceback = getattr(eqn.source_info, "traceback", None)
     for frame in getattr(traceback, "frames", None) or ():
-        kind = _nonlinearity_kind(str(frame.function_name).rsplit(".", 1)[-1])
+        kind = nonlinearity_kind(str(frame.function_name).rsplit(".", 1)[-1])
         if kind is not None:
             return kind
     return None

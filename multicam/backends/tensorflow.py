@@ -66,6 +66,7 @@ from .base import (
     check_finite_input,
     forward_errors,
     make_layer_gradients,
+    nonlinearity_kind,
     replacement_activations,
 )
 
@@ -918,36 +919,6 @@ def _relu_functions() -> set[int]:
     }
 
 
-#: Nonlinearities guided backpropagation cannot guide, by their normalised function or
-#: class name (lower case, no underscores), as the kinds reported in
-#: ``LayerGradients.unguided_activations``.
-_UNGUIDED_KINDS = {
-    "silu": "SiLU",
-    "swish": "SiLU",
-    "gelu": "GELU",
-    "elu": "ELU",
-    "selu": "ELU",
-    "celu": "ELU",
-    "leakyrelu": "LeakyReLU",
-    "prelu": "LeakyReLU",
-    "sigmoid": "Sigmoid",
-    "logistic": "Sigmoid",
-    "hardsigmoid": "Sigmoid",
-    "logsigmoid": "Sigmoid",
-    "tanh": "Tanh",
-    "hardtanh": "Tanh",
-    "softplus": "Softplus",
-    "hardsilu": "Hardswish",
-    "hardswish": "Hardswish",
-    "mish": "Mish",
-}
-
-
-def _nonlinearity_kind(name: str) -> str | None:
-    """The reported kind of a nonlinearity named ``name`` (``"swish"``, ``"Gelu"``), or None."""
-    return _UNGUIDED_KINDS.get(name.lower().replace("_", ""))
-
-
 def _guided_sites(model: Any) -> list[tuple[Any, str, str | None]]:
     """``(layer, attribute, kind)`` to shadow: kind None for a ReLU to guide.
 
@@ -965,7 +936,7 @@ def _guided_sites(model: Any) -> list[tuple[Any, str, str | None]]:
         if isinstance(layer, keras.layers.Layer) and callable(activation):
             if id(activation) in relus:
                 sites.append((layer, "activation", None))
-            elif kind := _nonlinearity_kind(getattr(activation, "__name__", "")):
+            elif kind := nonlinearity_kind(getattr(activation, "__name__", "")):
                 sites.append((layer, "activation", kind))
             continue
         name = type(layer).__name__.lower()
@@ -974,7 +945,7 @@ def _guided_sites(model: Any) -> list[tuple[Any, str, str | None]]:
             slope = getattr(layer, "negative_slope", 0)
             kind = "LeakyReLU" if float(slope or 0) else None
             sites.append((layer, "call", kind))
-        elif kind := _nonlinearity_kind(name):  # also a user's own GELU layer: noted only
+        elif kind := nonlinearity_kind(name):  # also a user's own GELU layer: noted only
             sites.append((layer, "call", kind))
     return sites
 

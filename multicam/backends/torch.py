@@ -33,7 +33,6 @@ note.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 import re
 import sys
@@ -555,13 +554,21 @@ def _training_report(model: torch.nn.Module, switched: list[torch.nn.Module]) ->
     return tuple(named)
 
 
-@functools.cache
+_READS_TRAINING: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
 def _reads_training(cls: type) -> bool:
     """Whether a user's module class may behave differently in training mode.
 
     True when the source of any of its own (non-torch) classes mentions ``training``
     (``if self.training:``, stochastic depth, custom dropout), or cannot be read.
     """
+    if cls not in _READS_TRAINING:
+        _READS_TRAINING[cls] = _source_reads_training(cls)
+    return _READS_TRAINING[cls]
+
+
+def _source_reads_training(cls: type) -> bool:
     for klass in cls.__mro__:
         if klass.__module__.startswith("torch") or klass is object:
             continue
