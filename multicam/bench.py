@@ -759,7 +759,10 @@ def run(
         skipped.update(stage["skipped"])
         if forward_n and "torch" in frameworks:
             stage["forward"] = _torch_forward(forward_n, max(1, min(repeats, 2)))
-        log(f"numpy stage N={numpy_stage_n}: {stage['results']}")
+        log(
+            f"numpy stage N={numpy_stage_n}: "
+            + ", ".join(f"{k} {1e3 * r['best_s']:.1f}ms" for k, r in stage["results"].items())
+        )
     if peers:
         for peer, module in [
             ("captum", "captum"),
@@ -933,6 +936,99 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
 # --- output -----------------------------------------------------------------------------------
 
 
+TIMING_HEADER = (
+    "arch",
+    "framework",
+    "N",
+    "T",
+    "contender",
+    "best ms/batch",
+    "median ms/batch",
+    "best ms/image",
+    "x floor",
+    "warm-up ms",
+    "peak MiB",
+)
+GOAL_HEADER = ("goal", "case", "measured", "limit", "met")
+
+
+def _timing_rows(result: dict[str, Any]) -> list[list[str]]:
+    """One row per contender and case, in :data:`TIMING_HEADER`'s columns."""
+    idx = _index(result)
+    rows = []
+    for t in result["timings"]:
+        floor = _floor(idx, (t["arch"], t["framework"], t["batch"], t["targets"]))
+        rows.append(
+            [
+                t["arch"],
+                t["framework"],
+                str(t["batch"]),
+                str(t["targets"]),
+                t["contender"],
+                f"{1e3 * t['best']:.1f}",
+                f"{1e3 * t['median']:.1f}",
+                f"{1e3 * t['best'] / t['batch']:.1f}",
+                f"{t['best'] / floor:.2f}" if floor else "",
+                f"{1e3 * t['warmup_s']:.0f}",
+                "" if t["peak_mb"] is None else f"{t['peak_mb']:.0f}",
+            ]
+        )
+    return rows
+
+
+def _goal_rows(result: dict[str, Any], missed: str) -> list[list[str]]:
+    return [
+        [
+            g["goal"],
+            g["case"],
+            f"{g['value']:.3g}",
+            f"{g['limit']:g}",
+            "met" if g["met"] else missed,
+        ]
+        for g in result["goals"]
+    ]
+
+
+def _stage_lines(result: dict[str, Any], bullet: str) -> list[str]:
+    """The NumPy stage's timings, one line each."""
+    stage = result.get("numpy_stage")
+    if not stage:
+        return []
+    lines = [
+        f"NumPy stage alone, N={stage['n']}, K={stage['k']}, "
+        f"{'x'.join(map(str, stage['spatial']))} -> {'x'.join(map(str, stage['size']))}, "
+        "one target:"
+    ]
+    lines += [
+        f"{bullet}{name}: best {1e3 * r['best_s']:.1f} ms, median {1e3 * r['median_s']:.1f} ms"
+        for name, r in stage["results"].items()
+    ]
+    if stage.get("forward"):
+        fwd = stage["forward"]
+        lines.append(
+            f"{bullet}torch ResNet-50 inference forward, N={fwd['batch']}: "
+            f"best {1e3 * fwd['best_s']:.0f} ms"
+        )
+    return lines
+
+
+def _recompile_lines(result: dict[str, Any], bullet: str) -> list[str]:
+    if not result["jax_recompilations"]:
+        return []
+    return ["JAX traces of multicam's jitted function before/after a call with other classes:"] + [
+        f"{bullet}{rec['arch']} N={rec['batch']} T={rec['targets']}: "
+        f"{rec['traces_before']} -> {rec['traces_after']}"
+        for rec in result["jax_recompilations"]
+    ]
+
+
+def _pipe_table(header: Sequence[str], rows: list[list[str]], text: Sequence[str]) -> list[str]:
+    """A compact Markdown table; columns named in ``text`` are left-aligned, others right."""
+    rule = "|" + "|".join("---" if h in text else "---:" for h in header) + "|"
+    lines = ["| " + " | ".join(row) + " |" for row in [list(header), *rows]]
+    return [lines[0], rule, *lines[1:]]
+
+
 def markdown(result: dict[str, Any]) -> str:
     """The results as Markdown: settings, the timing table, the NumPy stage, the goals."""
     lines = [
@@ -946,59 +1042,47 @@ def markdown(result: dict[str, Any]) -> str:
         + "; ".join(f"{k}: {v}" for k, v in result["settings"].items() if k != "threads")
         + f"; torch threads {result['settings']['threads']['torch']}",
         "",
-        "| arch | framework | N | T | contender | best ms/batch | median ms/batch | best ms/image "
-        "| x floor | warm-up ms | peak MiB |",
-        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    idx = _index(result)
-    for t in result["timings"]:
-        floor = _floor(idx, (t["arch"], t["framework"], t["batch"], t["targets"]))
-        ratio = f"{t['best'] / floor:.2f}" if floor else ""
-        peak = "" if t["peak_mb"] is None else f"{t['peak_mb']:.0f}"
-        lines.append(
-            f"| {t['arch']} | {t['framework']} | {t['batch']} | {t['targets']} | {t['contender']} "
-            f"| {1e3 * t['best']:.1f} | {1e3 * t['median']:.1f} "
-            f"| {1e3 * t['best'] / t['batch']:.1f} "
-            f"| {ratio} | {1e3 * t['warmup_s']:.0f} | {peak} |"
-        )
-    stage = result.get("numpy_stage")
-    if stage:
-        lines += [
-            "",
-            f"NumPy stage alone, N={stage['n']}, K={stage['k']}, {stage['spatial']} -> "
-            f"{stage['size']}, one target:",
-            "",
-        ]
-        for name, r in stage["results"].items():
-            lines.append(
-                f"- {name}: best {1e3 * r['best_s']:.1f} ms, median {1e3 * r['median_s']:.1f} ms"
-            )
-        if stage.get("forward"):
-            fwd = stage["forward"]
-            lines.append(
-                f"- torch ResNet-50 inference forward, N={fwd['batch']}: "
-                f"best {1e3 * fwd['best_s']:.0f} ms"
-            )
-    if result["jax_recompilations"]:
-        lines += [
-            "",
-            "JAX traces of multicam's jitted function before/after a call with other classes:",
-        ]
-        for rec in result["jax_recompilations"]:
-            lines.append(
-                f"- {rec['arch']} N={rec['batch']} T={rec['targets']}: "
-                f"{rec['traces_before']} -> {rec['traces_after']}"
-            )
-    lines += ["", "| goal | case | measured | limit | met |", "|---|---|---:|---:|---|"]
-    for g in result["goals"]:
-        lines.append(
-            f"| {g['goal']} | {g['case']} | {g['value']:.3g} | {g['limit']:g} | "
-            f"{'met' if g['met'] else '**missed**'} |"
-        )
+    lines += _pipe_table(TIMING_HEADER, _timing_rows(result), ("arch", "framework", "contender"))
+    for extra in (_stage_lines(result, "- "), _recompile_lines(result, "- ")):
+        if extra:
+            lines += ["", extra[0], "", *extra[1:]]
+    lines.append("")
+    lines += _pipe_table(GOAL_HEADER, _goal_rows(result, "**missed**"), ("goal", "case", "met"))
     if result["skipped"]:
         lines += ["", "Not measured:"] + [f"- {k}: {v}" for k, v in result["skipped"].items()]
     if result["cut"]:
         lines += ["", "Cut:"] + [f"- {c}" for c in result["cut"]]
+    return "\n".join(lines) + "\n"
+
+
+def text(result: dict[str, Any]) -> str:
+    """The results for a terminal: aligned tables; the full settings are in the files."""
+    from .cli import format_table
+
+    settings = result["settings"]
+    machine = result["machine"]
+    lines = [
+        f"multicam bench: {', '.join(settings['archs'])} on {', '.join(settings['frameworks'])}; "
+        f"N {settings['batches']}, T {settings['targets']}; best of {settings['repeats']} "
+        f"timed round(s) after a warm-up call; {result['elapsed_s']:.0f} s",
+        f"machine: {machine['cpu']}, {machine['cores']} cores ({machine['affinity']} usable), "
+        f"{machine['memory_gb']} GB; {machine['gpu']}",
+        "versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        "",
+        "time per batch in ms; x floor: relative to the hand-written forward + backward",
+    ]
+    lines += format_table(TIMING_HEADER, _timing_rows(result))
+    for extra in (_stage_lines(result, "  "), _recompile_lines(result, "  ")):
+        if extra:
+            lines += ["", *extra]
+    if result["goals"]:
+        lines += ["", "goals:"]
+        lines += format_table(GOAL_HEADER, _goal_rows(result, "MISSED"))
+    if result["skipped"]:
+        lines += ["", "not measured:"] + [f"  {k}: {v}" for k, v in result["skipped"].items()]
+    if result["cut"]:
+        lines += ["", "cut:"] + [f"  {c}" for c in result["cut"]]
     return "\n".join(lines) + "\n"
 
 
@@ -1113,8 +1197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     result = run(frameworks=frameworks, peers=not args.no_peers, budget_s=args.budget, **options)
     paths = write(result, Path(args.out), args.name)
-    print(markdown(result))
-    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print()
+    print(text(result), end="")
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

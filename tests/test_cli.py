@@ -40,7 +40,18 @@ def test_demo_runs_end_to_end_on_every_installed_backend(
     # The shipped model reproduces the report: digit 5's own class is blank at relu4.
     assert "why is the map of digit 5 blank for its own class?" in printed
     assert "100% negative" in printed
+    assert "ms / batch" in printed and "after a warm-up call" in printed
     _picture_is_non_trivial(out)
+    # One backend's grid and an agreement table, not one block per backend.
+    width, height = _size(out)
+    assert width >= 1000 and height < 1.3 * width
+
+
+def _size(path: Path) -> tuple[int, int]:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.size
 
 
 def test_compare_exits_zero_when_backends_agree(capsys: pytest.CaptureFixture[str]) -> None:
@@ -89,6 +100,7 @@ def test_explain_a_whole_torch_model(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 0
     assert "class 4" in capsys.readouterr().out  # the predicted class of the digit four
     _picture_is_non_trivial(out)
+    assert _size(out)[0] >= 600  # readable at normal size, not 264 x 88
 
 
 def test_explain_a_keras_file(tmp_path: Path) -> None:
