@@ -604,9 +604,9 @@ def _frameworks(parser: argparse.ArgumentParser, wanted: str | None) -> list[str
         parser.error(f"unknown frameworks {unknown}; choose from {', '.join(zoo.FRAMEWORKS)}")
     absent = [f for f in frameworks if f not in available]
     if absent:
-        parser.error(f"not installed: {', '.join(absent)}; pip install 'multicam[all]'")
+        parser.error(f"not installed: {', '.join(absent)}; pip install 'multicam-xai[all]'")
     if not frameworks:
-        parser.error("no framework is installed; pip install 'multicam[all]'")
+        parser.error("no framework is installed; pip install 'multicam-xai[all]'")
     return frameworks
 
 

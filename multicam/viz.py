@@ -9,7 +9,7 @@ return a matplotlib figure and save it when given a path. ReLU'd maps use a sequ
 colormap; signed maps a diverging one centred on zero, so that evidence for a class (red)
 and against it (blue) stay apart.
 
-Needs ``pip install 'multicam[viz]'`` (matplotlib, Pillow); imported only when called.
+Needs ``pip install 'multicam-xai[viz]'`` (matplotlib, Pillow); imported only when called.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _matplotlib() -> Any:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise BackendNotInstalledError(
-            f"pictures need matplotlib ({exc}); install it with pip install 'multicam[viz]'"
+            f"pictures need matplotlib ({exc}); install it with pip install 'multicam-xai[viz]'"
         ) from exc
     return plt
 

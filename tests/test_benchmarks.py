@@ -67,4 +67,6 @@ def test_main_quick_writes_outputs(tmp_path, capsys) -> None:
     )
     assert code == 0
     assert (tmp_path / "bench.json").exists()
-    assert "| arch | framework |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "arch" in out and "contender" in out
+    assert "{'" not in out  # a readable table, not a raw dict
