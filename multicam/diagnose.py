@@ -414,8 +414,13 @@ def _probability_findings(result: CAMResult) -> list[Finding]:
 
 
 def _looks_sigmoid(outputs: np.ndarray) -> bool:
-    """Outputs in [0, 1] that are not all equal: logits over a whole batch rarely are."""
-    return bool(outputs.size > 1 and outputs.max() > outputs.min())
+    """Outputs in [0, 1] of which at least 10% crowd its ends (p < 0.05 or p > 0.95).
+
+    Logits happen to lie in [0, 1] now and then (a randomly initialised head); sigmoids
+    of a trained model's logits pile up at 0 and 1. Only the latter is reported.
+    """
+    near_ends = (outputs < 0.05) | (outputs > 0.95)
+    return bool(outputs.size > 1 and outputs.max() > outputs.min() and near_ends.mean() >= 0.1)
 
 
 def _saturation(

@@ -476,3 +476,17 @@ def test_perturbation_methods_follow_output(method: type, output: str | None) ->
     got = method(hf, "features.1", output=output)(x, targets=[1, 2], warn=False)
     np.testing.assert_allclose(got.maps, want.maps, atol=1e-6)
     np.testing.assert_allclose(got.weights, want.weights, rtol=1e-5, atol=1e-7)
+
+
+def test_logits_that_happen_to_lie_in_0_1_are_not_called_sigmoid() -> None:
+    require("torch")
+    from torch import nn
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(3))
+    x = np.random.default_rng(0).standard_normal((2, 3, 6, 6)).astype(np.float32)
+    model(__import__("torch").from_numpy(x))
+    with __import__("torch").no_grad():
+        model[3].weight.zero_()
+        model[3].bias.copy_(__import__("torch").tensor([0.1, 0.2, 0.25]))
+    res = mc.GradCAM(model.eval(), "1")(x, targets=0, warn=False)
+    assert "sigmoid_outputs" not in res.diagnose().codes()
