@@ -35,6 +35,7 @@ from ..errors import (
     MulticamError,
     NonFiniteError,
     TargetError,
+    nearest_names,
 )
 from ..targets import Targets
 
@@ -43,7 +44,9 @@ __all__ = [
     "BoundModel",
     "LayerGradients",
     "Layout",
+    "Redraw",
     "check_finite",
+    "check_parameter_layers",
     "forward_error",
     "make_layer_gradients",
     "raised_inside",
@@ -51,6 +54,10 @@ __all__ = [
 ]
 
 Layout = Literal["channels_first", "channels_last"]
+
+#: ``(layer, canonical parameter name, values) -> new values``: see
+#: :meth:`BoundModel.randomized`.
+Redraw = Callable[[str, str, np.ndarray], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,37 @@ class BoundModel(abc.ABC):
             ``gradients`` the guided gradients ``(N, T, C, *S)``, channels-first.
         """
         raise self._lacks("guided backpropagation (guided_gradients)", "GuidedBackprop")
+
+    def parameter_layers(self) -> tuple[str, ...]:
+        """The layers that hold trainable parameters of their own, in the model's order.
+
+        The order is the one the model defines its layers in (torch ``named_modules``,
+        Keras ``layers`` with nested models expanded, linen's ``params`` tree, nnx
+        attributes in assignment order); names are those :meth:`randomized` takes.
+        Statistics and buffers (BatchNorm's running mean) are not parameters.
+        """
+        raise self._lacks("a randomised copy of its model (parameter_layers)", "randomization_test")
+
+    def randomized(self, layers: Sequence[str], redraw: Redraw) -> BoundModel:
+        """A copy of the model, bound to the same layer, with new parameters in ``layers``.
+
+        The model itself is never modified (the sanity check of
+        :func:`multicam.metrics.randomization_test`). Each trainable parameter tensor of
+        each layer in ``layers`` becomes ``redraw(layer, name, values)``: ``name`` is the
+        parameter's canonical name (``"kernel"`` for convolution and dense weights,
+        ``"bias"``, ``"scale"`` for normalisation weights, else the framework's own) and
+        ``values`` a float32 NumPy array in the canonical layout, convolution kernels
+        ``(*k, in, out)`` and dense kernels ``(in, out)`` (Keras's and Flax's; torch's are
+        transposed), so that one ``redraw`` makes the same network in every framework.
+
+        Args:
+            layers: names from :meth:`parameter_layers`.
+            redraw: ``(layer, name, values) -> new values`` of the same shape.
+
+        Raises:
+            LayerError: a name that is not in :meth:`parameter_layers`.
+        """
+        raise self._lacks("a randomised copy of its model (randomized)", "randomization_test")
 
     def _lacks(self, capability: str, method: str) -> BackendError:
         return BackendError(
@@ -465,3 +503,15 @@ UNGUIDED_KINDS = {
 def nonlinearity_kind(name: str) -> str | None:
     """The reported kind of a nonlinearity named ``name`` (``"swish"``, ``"Gelu"``), or None."""
     return UNGUIDED_KINDS.get(name.lower().replace("_", ""))
+
+
+def check_parameter_layers(layers: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
+    """``layers`` as a tuple, or :class:`LayerError` naming those that hold no parameters."""
+    names = tuple(layers)
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise LayerError(
+            f"layers {unknown!r} hold no parameters of their own; the layers that do: "
+            f"{nearest_names(str(unknown[0]), known)}."
+        )
+    return names

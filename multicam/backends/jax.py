@@ -43,11 +43,12 @@ by the user's own code propagates unchanged, with a note.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import inspect
 import sys
 import threading
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -67,8 +68,10 @@ from .base import (
     Backend,
     BoundModel,
     LayerGradients,
+    Redraw,
     check_finite,
     check_finite_input,
+    check_parameter_layers,
     forward_errors,
     make_layer_gradients,
     nonlinearity_kind,
@@ -831,6 +834,53 @@ class LinenBoundModel(JaxBoundModel):
         _check_hits(self.layer_name, tap.hits, tap.names)
         return out
 
+    def parameter_layers(self) -> tuple[str, ...]:
+        """Module paths of ``variables["params"]`` holding arrays, in the tree's order."""
+        params = self.variables.get("params", {}) if isinstance(self.variables, Mapping) else {}
+        return tuple("/".join(path) for path in _linen_scopes(params) if path)
+
+    def randomized(self, layers: Sequence[str], redraw: Redraw) -> LinenBoundModel:
+        """New variables with ``layers``' params redrawn (see base); the old are kept.
+
+        A shallow copy of this bound model shares its jitted functions: the variables are
+        their argument, so nothing is compiled again.
+        """
+        names = check_parameter_layers(layers, self.parameter_layers())
+        params = self.variables["params"]
+        for name in names:
+
+            def update(key: str, leaf: Any, name: str = name) -> Any:
+                new = redraw(name, key, np.asarray(leaf, np.float32))
+                return jnp.asarray(new, dtype=jnp.asarray(leaf).dtype)
+
+            params = _replaced(params, tuple(name.split("/")), update)
+        randomized = copy.copy(self)
+        randomized.variables = {**dict(self.variables), "params": params}
+        return randomized
+
+
+def _linen_scopes(params: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Paths of the sub-dicts of ``params`` that hold arrays themselves, in insertion order."""
+    found = [prefix] if any(not isinstance(v, Mapping) for v in params.values()) else []
+    for key, value in params.items():
+        if isinstance(value, Mapping):
+            found.extend(_linen_scopes(value, (*prefix, str(key))))
+    return found
+
+
+def _replaced(
+    tree: Mapping[str, Any], path: tuple[str, ...], update: Callable[[str, Any], Any]
+) -> dict[str, Any]:
+    """A copy of ``tree`` whose arrays directly under ``path`` are ``update(key, array)``."""
+    copied = dict(tree)
+    if path:
+        copied[path[0]] = _replaced(tree[path[0]], path[1:], update)
+        return copied
+    for key, value in tree.items():
+        if not isinstance(value, Mapping):
+            copied[key] = update(str(key), value)
+    return copied
+
 
 # --- nnx -----------------------------------------------------------------------------
 
@@ -970,6 +1020,65 @@ class NnxBoundModel(JaxBoundModel):
         from flax import nnx
 
         return nnx.merge(static, dynamic)(x)  # a copy: the user's module is never touched
+
+    def parameter_layers(self) -> tuple[str, ...]:
+        """Attribute paths of the modules holding ``nnx.Param``s, in assignment order."""
+        return tuple(path for path, _ in _nnx_parameter_modules(self.model) if path)
+
+    def randomized(self, layers: Sequence[str], redraw: Redraw) -> NnxBoundModel:
+        """A deep copy of the module whose ``layers`` hold redrawn ``Param``s (see base).
+
+        A deep copy, because ``nnx.merge(*nnx.split(model))`` shares the model's Variable
+        objects. A shallow copy of this bound model shares its jitted functions (the state
+        is their argument), so nothing is compiled again.
+        """
+        from flax import nnx
+
+        names = check_parameter_layers(layers, self.parameter_layers())
+        clone = copy.deepcopy(self.model)
+        modules = dict(_nnx_parameter_modules(clone))
+        for name in names:
+            for key, variable in list(vars(modules[name]).items()):
+                if isinstance(variable, nnx.Param):
+                    leaf = variable.get_value()
+                    new = redraw(name, key, np.asarray(leaf, np.float32))
+                    variable.set_value(jnp.asarray(new, dtype=leaf.dtype))
+        randomized = copy.copy(self)
+        randomized.model = clone
+        return randomized
+
+
+def _nnx_parameter_modules(model: Any) -> list[tuple[str, Any]]:
+    """``(attribute path, module)`` of the modules holding ``Param``s, in assignment order.
+
+    ``nnx.iter_graph`` sorts attributes by name; this walks them in the order the model
+    assigned them, which for sequential models is the order they run in.
+    """
+    from flax import nnx
+
+    found: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+
+    def walk(node: Any, path: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, nnx.Module):
+            items = [(k, v) for k, v in vars(node).items() if not k.startswith("_")]
+            if any(isinstance(v, nnx.Param) for _, v in items):
+                found.append((path, node))
+        elif isinstance(node, list | tuple | nnx.List):
+            items = [(str(i), v) for i, v in enumerate(node)]
+        elif isinstance(node, dict):
+            items = [(str(k), v) for k, v in node.items()]
+        else:
+            return
+        for key, value in items:
+            if isinstance(value, nnx.Module | list | tuple | dict | nnx.List):
+                walk(value, f"{path}.{key}" if path else key)
+
+    walk(model, "")
+    return found
 
 
 # --- function pair -------------------------------------------------------------------

@@ -62,8 +62,10 @@ from .base import (
     BoundModel,
     LayerGradients,
     Layout,
+    Redraw,
     check_finite,
     check_finite_input,
+    check_parameter_layers,
     forward_errors,
     make_layer_gradients,
     nonlinearity_kind,
@@ -503,6 +505,105 @@ class TensorFlowBoundModel(BoundModel):
             "choose a layer on the path to the model's output (and a target function that "
             "uses the outputs)."
         )
+
+    def parameter_layers(self) -> tuple[str, ...]:
+        """Paths of the layers that created trainable variables, in the model's order."""
+        return tuple(path for path, layer in _named_layers(self.model) if _own_parameters(layer))
+
+    def randomized(self, layers: Sequence[str], redraw: Redraw) -> TensorFlowBoundModel:
+        """A copy of the model whose ``layers`` hold redrawn variables (see base).
+
+        A functional or Sequential model (or a subclassed one Keras can rebuild from its
+        config) is cloned (``keras.models.clone_model``) and the clone gets the weights
+        and the new values; the user's model is never touched. A model Keras cannot clone
+        is not copied: its variables are mapped to the new values in a
+        ``keras.StatelessScope`` around every pass of the copy (thread-local; nothing is
+        assigned).
+        """
+        import tensorflow as tf
+
+        names = check_parameter_layers(layers, self.parameter_layers())
+        named = dict(_named_layers(self.model))
+        new_values: dict[int, Any] = {}
+        for name in names:
+            for variable in _own_parameters(named[name]):
+                key = str(variable.name).rsplit("/", 1)[-1]
+                values = np.asarray(variable.numpy(), np.float32)
+                canonical = {"gamma": "scale", "beta": "bias"}.get(key, key)
+                new = np.asarray(redraw(name, canonical, values))
+                new_values[id(variable)] = tf.convert_to_tensor(new, dtype=variable.dtype)
+        clone = _clone(self.model)
+        if clone is not None:
+            try:
+                path, layer, index = _resolve_layer(
+                    clone, self.layer_name, list(_named_layers(clone))
+                )
+            except LayerError:
+                clone = None
+        if clone is None:
+            mapping = [(v, new_values[id(v)]) for v in self.model.weights if id(v) in new_values]
+            return _RandomizedTensorFlowBoundModel(self, mapping)
+        for original, copied in zip(self.model.weights, clone.weights, strict=True):
+            if id(original) in new_values:
+                copied.assign(new_values[id(original)])
+        return TensorFlowBoundModel(clone, layer, path, self.layout, index)
+
+
+def _clone(model: Any) -> Any:
+    """A clone of ``model`` with its weights, or ``None`` when Keras cannot clone it."""
+    import keras
+
+    try:
+        clone = keras.models.clone_model(model)
+        clone.set_weights(model.get_weights())
+    except Exception:  # e.g. a subclassed model without a usable get_config
+        return None
+    same = len(clone.weights) == len(model.weights) and all(
+        tuple(a.shape) == tuple(b.shape) for a, b in zip(clone.weights, model.weights, strict=True)
+    )
+    return clone if same else None
+
+
+class _RandomizedTensorFlowBoundModel(TensorFlowBoundModel):
+    """A bound model whose passes read some variables from a mapping (see ``randomized``).
+
+    The mapping applies to the model's Python forward; a pass that ran a graph traced
+    outside the scope would read the variables themselves.
+    """
+
+    def __init__(self, bound: TensorFlowBoundModel, mapping: list[tuple[Any, Any]]) -> None:
+        super().__init__(
+            bound.model, bound.layer, bound.layer_name, bound.layout, bound.output_index
+        )
+        self._mapping = mapping
+
+    def _scope(self) -> Any:
+        import keras
+
+        return keras.StatelessScope(state_mapping=self._mapping)
+
+    def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        with self._scope():
+            return super().gradients(inputs, targets)
+
+    def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
+        with self._scope():
+            return super().outputs(inputs, output)
+
+    def outputs_from_layer(
+        self, inputs: Any, activations: np.ndarray, output: int | str | None = None
+    ) -> np.ndarray:
+        with self._scope():
+            return super().outputs_from_layer(inputs, activations, output)
+
+    def guided_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        with self._scope():
+            return super().guided_gradients(inputs, targets)
+
+
+def _own_parameters(layer: Any) -> list[Any]:
+    """The trainable variables ``layer`` created itself (not its sub-layers'), in order."""
+    return list(getattr(layer, "_trainable_variables", None) or [])
 
 
 def _as_array(inputs: Any) -> np.ndarray:

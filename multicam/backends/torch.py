@@ -33,12 +33,13 @@ note.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import re
 import sys
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,8 +58,10 @@ from .base import (
     Backend,
     BoundModel,
     LayerGradients,
+    Redraw,
     check_finite,
     check_finite_input,
+    check_parameter_layers,
     forward_errors,
     make_layer_gradients,
     replacement_activations,
@@ -421,6 +424,54 @@ class TorchBoundModel(BoundModel):
     def _inference(self) -> contextlib.AbstractContextManager[tuple[str, ...]]:
         """Run the model in eval mode inside; yields :attr:`LayerGradients.training`."""
         return _inference_mode(self.model)
+
+    def parameter_layers(self) -> tuple[str, ...]:
+        """The modules holding ``nn.Parameter``s of their own, in ``named_modules`` order."""
+        return tuple(
+            name
+            for name, module in self.model.named_modules()
+            if next(module.parameters(recurse=False), None) is not None
+        )
+
+    def randomized(self, layers: Sequence[str], redraw: Redraw) -> TorchBoundModel:
+        """A deep copy of the model whose ``layers`` hold redrawn parameters (see base)."""
+        names = check_parameter_layers(layers, self.parameter_layers())
+        path = next(name for name, module in self.model.named_modules() if module is self.layer)
+        clone = copy.deepcopy(self.model)
+        modules = dict(clone.named_modules())
+        with torch.no_grad():
+            for name in names:
+                module = modules[name]
+                for key, parameter in module.named_parameters(recurse=False):
+                    values = parameter.detach().float().cpu().numpy()
+                    canonical, axes = _canonical_parameter(module, key, values.ndim)
+                    if axes is not None:
+                        values = np.transpose(values, axes)
+                    new = np.asarray(redraw(name, canonical, values), np.float32)
+                    if axes is not None:
+                        new = np.transpose(new, np.argsort(axes))
+                    parameter.copy_(torch.from_numpy(np.ascontiguousarray(new)))
+        return TorchBoundModel(clone, modules[path])
+
+
+def _canonical_parameter(
+    module: torch.nn.Module, name: str, ndim: int
+) -> tuple[str, tuple[int, ...] | None]:
+    """A parameter's canonical name, and the axes that put it in the canonical layout.
+
+    Convolution weights ``(out, in, *k)`` become ``kernel`` ``(*k, in, out)``, linear
+    weights ``(out, in)`` ``kernel`` ``(in, out)``, normalisation weights ``scale``.
+    """
+    if name == "weight":
+        convolution = isinstance(module, torch.nn.modules.conv._ConvNd) and not module.transposed
+        if convolution and ndim >= 3:
+            return "kernel", (*range(2, ndim), 1, 0)
+        if isinstance(module, torch.nn.Linear) and ndim == 2:
+            return "kernel", (1, 0)
+        norms = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm)
+        if isinstance(module, norms):
+            return "scale", None
+    return name, None
 
 
 # Messages torch raises when a feature map has a spatial size the model was not built for:
