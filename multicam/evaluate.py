@@ -258,19 +258,20 @@ class Evaluation:
                 + (", FLAGGED by the sanity check" if runner.flagged else "")
                 + ")."
             )
-        if best.road is not None:
-            text += f" ROAD agrees in sign: {best.road:+.3f}." if best.road > 0 else ""
+        if best.road is not None and best.road > 0:
+            text += f" ROAD agrees: {best.road:+.3f} (LeRF above MoRF)."
         if best.randomization is not None:
+            threshold = _threshold(self)
             text += (
-                f" Randomising every layer leaves a Spearman similarity of "
-                f"{best.randomization:+.2f} to the trained model's maps, so they depend on "
-                "what the model learned."
+                f" With every layer randomised its maps keep a Spearman similarity of only "
+                f"{best.randomization:+.2f} to the trained model's (below {threshold:g}): "
+                "they depend on what the model learned."
             )
         blanks = [row for row in self.rows if row.blank > 0]
         if blanks:
             worst = max(blanks, key=lambda row: row.blank)
             text += (
-                f" {len(blanks)} of {len(self.rows)} candidates leave maps blank (worst: "
+                f" {len(blanks)} of {len(self.rows)} candidates leave maps blank (most: "
                 f"{worst.method} at {worst.layer!r}, {worst.blank:.0%}): there the layer "
                 "holds only evidence against the class under that method's weights."
             )
@@ -344,14 +345,25 @@ class Evaluation:
                     row.faithfulness, position, "  " + ", ".join(notes), va="center", fontsize=7
                 )
         bars.axvline(0, color="black", linewidth=0.8)
-        bars.set_title("Ranking: insertion AUC - deletion AUC")
-        bars.set_xlabel("higher is more faithful (green: recommended; red: blank or flagged)")
+        bars.set_xlabel("higher is more faithful")
+        bars.set_title(
+            "Ranking: insertion AUC - deletion AUC\n(green: recommended; red: blank maps or "
+            "fails the sanity check)",
+            fontsize=10,
+        )
         bars.grid(axis="x", alpha=0.3)
         if title:
             figure.suptitle(title, fontsize=12)
         if path is not None:
             figure.savefig(path, dpi=110)
         return figure
+
+
+def _threshold(evaluation: Evaluation) -> float:
+    """The sanity check's threshold in ``evaluation`` (its default when it did not run)."""
+    for sanity in evaluation.sanity.values():
+        return float(sanity.threshold)
+    return 0.5
 
 
 def _short(layer: str) -> str:
@@ -580,7 +592,7 @@ DEMO_LAYERS = ("features.relu3", "features.relu4")
 EPILOG = """\
 examples:
   multicam evaluate                                   the demo's digits CNN, all 10 digits
-  multicam evaluate --metrics deletion,insertion,randomization
+  multicam evaluate --metrics deletion,insertion      faster: no ROAD, no sanity check
   multicam evaluate digits.keras four.png nine.png --layers features/relu3,features/relu4
   multicam evaluate net.pt cat.png --layers layer3,layer4 --import mynets.py --target 281
 
@@ -616,8 +628,10 @@ def add_cli_parser(
     )
     parser.add_argument(
         "--metrics",
-        default=",".join(DEFAULT_METRICS),
-        help=f"comma-separated, from {', '.join(CLI_METRICS)} (default %(default)s)",
+        default=None,
+        help=f"comma-separated, from {', '.join(CLI_METRICS)} (default: "
+        f"{','.join(DEFAULT_METRICS)}, and randomization for the demo; the sanity check "
+        "explains the batch once per parameterised layer)",
     )
     parser.add_argument(
         "--target", type=int, default=None, help="class id (default: the predicted class)"
@@ -661,7 +675,11 @@ def _say(text: str = "") -> None:
 def run_cli(args: argparse.Namespace) -> int:
     """Run ``multicam evaluate`` with parsed arguments; return the exit status."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    wanted = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    if args.metrics is None:
+        chosen = (*DEFAULT_METRICS, "randomization") if args.model is None else DEFAULT_METRICS
+    else:
+        chosen = tuple(args.metrics.split(","))
+    wanted = [m.strip() for m in chosen if m.strip()]
     bad = [m for m in wanted if m not in CLI_METRICS]
     if bad:
         raise MulticamError(f"--metrics: unknown here {bad}; choose from {', '.join(CLI_METRICS)}")
