@@ -780,3 +780,12 @@ def test_keras_randomized_copies_clone_or_map_and_never_assign() -> None:
     assert result.layers == ("fc", "conv") and result.similarity.shape == (2, 2, 1)
     for old, variable in zip(before, model.weights, strict=True):
         np.testing.assert_array_equal(variable.numpy(), old)
+
+
+@pytest.mark.parametrize("module", ["curves", "road", "confidence", "localization", "sanity"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    failures, _ = doctest.testmod(importlib.import_module(f"multicam.metrics.{module}"))
+    assert failures == 0

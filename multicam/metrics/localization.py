@@ -75,6 +75,12 @@ def box_masks(
             ``(4,)`` or several ``(B, 4)`` whose union is the mask.
         shape: ``(H, W)`` of the maps.
         batch_size: N, to check the count (optional).
+
+    Example:
+        >>> box_masks([(1, 0, 3, 2)], (3, 4)).astype(int)
+        array([[[0, 1, 1, 0],
+                [0, 1, 1, 0],
+                [0, 0, 0, 0]]])
     """
     if len(shape) != 2:
         raise OptionError(f"boxes describe 2-D maps; the maps' spatial shape is {tuple(shape)}.")

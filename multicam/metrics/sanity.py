@@ -109,6 +109,10 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     Returns:
         ``(...)`` float64 in [-1, 1].
+
+    Example:
+        >>> float(spearman(np.array([1.0, 2.0, 3.0, 4.0]), np.array([1.0, 3.0, 2.0, 4.0])))
+        0.8
     """
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape:
