@@ -1003,7 +1003,8 @@ class FinerCAM(_MetaMethod):
         m = compared.shape[2]
         if self.weighting == "softmax":
             probabilities = np.take_along_axis(_softmax(logits, 1)[:, None, :], compared, axis=2)
-            mix = probabilities / probabilities.sum(axis=2, keepdims=True)
+            total = probabilities.sum(axis=2, keepdims=True)  # 0 only if all underflowed
+            mix = np.where(total > 0, probabilities / np.where(total > 0, total, 1.0), 1.0 / m)
         else:
             mix = np.full(compared.shape, 1.0 / m)
         mix = self.alpha * mix
@@ -1110,7 +1111,7 @@ class SESS(_MetaMethod):
         smooth: the blur's sigma in pixels (default 5.0), or ``None``.
         patches_per_pass: the most patches in one forward or backward pass (default 32).
 
-    Peer: the authors' code (github.com/neouyghur/SESS): the same steps; its defaults are
+    Peer: the authors' code (``sess.py``, class ``SESS``): the same steps; its defaults are
     224-pixel windows, ``step=224``, scales 224 to 928 pixels in steps of 64 (factors
     ``1 + 64 i / 224``), ``pre_filter_ratio=0``, ``theta=0``, mean pooling, an 11x11
     Gaussian blur of sigma 5. Its scales resize the shorter side (with torchvision's
@@ -1240,7 +1241,8 @@ class SESS(_MetaMethod):
                 probabilities[i, p] = chosen[row]
         order = np.argsort(np.argsort(probabilities, axis=1, kind="stable"), axis=1)
         kept = order >= int(count * self.pre_filter)  # (N, P, T)
-        relative = probabilities / probabilities.max(axis=1, keepdims=True)
+        most = probabilities.max(axis=1, keepdims=True)  # 0 only if every p underflowed
+        relative = np.divide(probabilities, most, out=np.zeros_like(probabilities), where=most > 0)
 
         # 2-3. the base method on every kept patch, pooled on the input's grid
         resize_back = [
@@ -1307,7 +1309,7 @@ class SESS(_MetaMethod):
 
 
 class RefineCAM(MultiLayerCAM):
-    """RefineCAM (2025): the product of several layers' normalised maps.
+    """RefineCAM ("How to Evaluate and Refine your CAM", arXiv 2605.14641): layers multiplied.
 
     Each layer's map is computed with ``method`` (default GradCAMPlusPlus), rectified
     (unless ``relu=False``), resized to the common output size and min-max normalised; the
