@@ -38,6 +38,22 @@ from .errors import (
     UnsupportedModelError,
 )
 from .guided import GuidedBackprop, GuidedGradCAM
+from .methods import (
+    FEM,
+    ISCAM,
+    KPCACAM,
+    SESS,
+    SSCAM,
+    ClassActivationMap,
+    ConceptResult,
+    DeepFeatureFactorization,
+    EigenGradCAM,
+    FinerCAM,
+    RandomCAM,
+    RefineCAM,
+    SmoothGradCAMPlusPlus,
+    SobelCAM,
+)
 from .perturbation import AblationCAM, ScoreCAM
 from .targets import Region, Targets
 
@@ -45,6 +61,20 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CAM",
+    "FEM",
+    "ISCAM",
+    "KPCACAM",
+    "SESS",
+    "SSCAM",
+    "ClassActivationMap",
+    "ConceptResult",
+    "DeepFeatureFactorization",
+    "EigenGradCAM",
+    "FinerCAM",
+    "RandomCAM",
+    "RefineCAM",
+    "SmoothGradCAMPlusPlus",
+    "SobelCAM",
     "AblationCAM",
     "BackendError",
     "BackendNotInstalledError",
