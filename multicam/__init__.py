@@ -11,7 +11,7 @@ Example:
 
 from __future__ import annotations
 
-from . import algebra, errors, zoo
+from . import algebra, errors, metrics, zoo
 from .cam import (
     CAM,
     CAMResult,
@@ -37,6 +37,7 @@ from .errors import (
     TargetError,
     UnsupportedModelError,
 )
+from .evaluate import Evaluation, EvaluationRow, evaluate
 from .guided import GuidedBackprop, GuidedGradCAM
 from .methods import (
     FEM,
@@ -101,8 +102,12 @@ __all__ = [
     "Targets",
     "TokenGrid",
     "UnsupportedModelError",
+    "Evaluation",
+    "EvaluationRow",
     "__version__",
     "algebra",
     "errors",
+    "evaluate",
+    "metrics",
     "zoo",
 ]

@@ -729,12 +729,16 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         "--out", default="multicam-explain.png", help="PNG to write (default %(default)s)"
     )
 
+    from .evaluate import add_cli_parser as add_evaluate_parser
+
+    evaluate = add_evaluate_parser(commands, parents=[common])
+
     commands.add_parser(
         "bench",
         help="backend speed side by side: floors, many targets, peers (multicam bench --help)",
         add_help=False,
     )
-    return parser, {"demo": demo, "compare": cmp, "explain": exp}
+    return parser, {"demo": demo, "compare": cmp, "explain": exp, "evaluate": evaluate}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -778,17 +782,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             _preload(frameworks, debug)
             archs = list(zoo.ARCHITECTURES) if args.arch == "all" else [args.arch]
             return 0 if compare(archs, frameworks, args.batch, args.seed, args.repeats) else 1
-        suffix = Path(args.model).suffix
-        _preload(
-            ["flax"]
-            if args.flax
-            else ["keras"]
-            if suffix in (".keras", ".h5")
-            else ["torch"]
-            if suffix in (".pt", ".pth")
-            else [],
-            debug,
-        )
+        if args.command == "evaluate":
+            from .evaluate import run_cli as run_evaluate
+
+            if args.model is None:
+                chosen = args.framework or _frameworks(subparsers["evaluate"], None)[0]
+                _preload([chosen], debug)
+            else:
+                _preload(_model_frameworks(args.model, args.flax), debug)
+            return run_evaluate(args)
+        _preload(_model_frameworks(args.model, args.flax), debug)
         return explain(args)
     except KeyboardInterrupt:
         print(f"multicam {command}: interrupted", file=sys.stderr)
@@ -798,6 +801,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"multicam {command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
+
+
+def _model_frameworks(model: str, flax: bool) -> list[str]:
+    """The framework a model argument needs, from ``--flax`` or its file's suffix."""
+    suffix = Path(model).suffix
+    if flax:
+        return ["flax"]
+    if suffix in (".keras", ".h5"):
+        return ["keras"]
+    if suffix in (".pt", ".pth"):
+        return ["torch"]
+    return []
 
 
 if __name__ == "__main__":

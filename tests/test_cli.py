@@ -173,3 +173,26 @@ def test_entry_point_help() -> None:
     if script is not None:  # installed as a console script
         out = subprocess.run([script, "demo", "--help"], capture_output=True, text=True, check=True)
         assert "--digits" in out.stdout
+
+
+def test_evaluate_command_is_wired(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    require("torch")
+    from multicam.cli import main
+
+    out = tmp_path / "curves.png"
+    code = main(
+        [
+            "evaluate",
+            "--framework",
+            "torch",
+            "--methods",
+            "GradCAM,HiResCAM",
+            "--metrics",
+            "deletion,insertion",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0 and out.exists()
+    printed = capsys.readouterr().out
+    assert "recommended:" in printed and "HiResCAM" in printed
