@@ -1,7 +1,7 @@
 """Entry point of the benchmark nox sessions: ``python -m benchmarks.run [options]``.
 
-The suite itself is :mod:`multicam.bench` (also ``multicam bench`` once wired into the
-CLI); ``--peers`` names this run's outputs ``peers`` instead of ``bench``.
+The suite itself is the package :mod:`multicam.bench` (also ``multicam bench``);
+``--peers`` names this run's outputs ``peers`` instead of ``bench``.
 """
 
 from __future__ import annotations
