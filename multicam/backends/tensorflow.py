@@ -5,8 +5,8 @@ gradients of the target scores with respect to that output, and the scores
 (:class:`~multicam.backends.base.LayerGradients`); all Grad-CAM algebra lives in
 :mod:`multicam.algebra`.
 
-Mechanism: for the duration of one eager forward pass, the bound layer instance's ``call``
-(or that of an operation of a functional graph that is not a Layer, such as the ``Add`` of
+Mechanism: for the duration of one forward pass, the bound layer instance's ``call`` (or
+that of an operation of a functional graph that is not a Layer, such as the ``Add`` of
 ``x + skip``, chosen by name, object or KerasTensor) is shadowed by a wrapper that records
 its output and ``watch``-es it on a ``tf.GradientTape(watch_accessed_variables=False)``.
 Nothing upstream of the layer is recorded, no variable is differentiated, and because the
@@ -18,18 +18,37 @@ touched. Every forward runs with ``training=False``: the model is explained as i
 (Dropout off, BatchNorm on its moving statistics); Keras' training flag is per call, so
 nothing is switched and nothing is reported in ``LayerGradients.training``.
 
-Constraints: one forward pass per batch whatever the number of targets T (T > 1 uses a
-vectorised batch Jacobian, falling back to T backward passes over the same tape); the
-chosen layer must be called exactly once per forward; one output is explained (chosen
-with ``output=`` when the model has several);
-``tensorflow`` and ``keras`` are imported only when a model is bound, never to answer
-:meth:`TensorFlowBackend.accepts`.
+Compiled path (the default): that forward, the layer's capture and the gradients of the T
+target scores are traced into one ``tf.function`` (no AutoGraph, no XLA), which TensorFlow
+traces once per input signature (shape and dtype) and number of targets; class ids are a
+tensor argument, and the predicted class and ``"all"`` are computed inside, so new classes
+at the same shapes run the same graph. The shadowing wrapper is installed only while a
+function is traced; running a traced graph calls no Python and touches no attribute of
+the model. The traced functions belong to the model (shared by every explainer of it, held
+weakly), so a new explainer on a model already explained reuses them. Guided
+backpropagation, :meth:`~TensorFlowBoundModel.outputs` and
+:meth:`~TensorFlowBoundModel.outputs_from_layer` are compiled alike. A target function
+(``targets=callable``) is compiled from its second use with the same function object (a
+lambda written inside a loop is a new object each time and runs eagerly); ``Region``
+targets run eagerly. When a call fails on the compiled path, multicam runs it eagerly:
+if the eager run fails too, its error is the one raised (so errors are exactly those of
+the eager path); if it succeeds, the model cannot be traced (Python control flow on
+tensor values, ``.numpy()`` inside ``call``, a ``call`` that is itself a ``tf.function``)
+and that computation stays eager from then on. Which path ran is logged at DEBUG level on
+the ``multicam.backends.tensorflow`` logger and kept in
+:attr:`TensorFlowBoundModel.last_path` (with :attr:`~TensorFlowBoundModel.eager_reason`);
+:attr:`TensorFlowBoundModel.trace_count` counts the traces. ``compile=False`` (an option
+of every explainer, e.g. ``mc.GradCAM(model, layer, compile=False)``) always runs eagerly.
+A traced graph does not see later changes to the model's Python structure (a replaced
+activation, a flag read in ``call``), exactly like Keras' own ``predict``; variables'
+values are read at every call.
 
 Threads: the shadowing wrapper is installed once per layer for as long as any thread is
 explaining it (reference-counted under a lock) and records only for the threads that are
 explaining (a thread-local slot; TensorFlow's tapes are thread-local too); any other call
-of the layer goes straight to the original ``call``. So several threads may explain one
-model at once and get the same maps as one after another.
+of the layer goes straight to the original ``call``. A traced function runs no Python at
+all, and TensorFlow traces one function in one thread at a time. So several threads may
+explain one model at once and get the same maps as one after another.
 
 Errors: inputs whose shape does not fit the model's declared input, and non-numeric
 inputs, raise :class:`~multicam.errors.InputError` before the model runs; a forward that
@@ -41,10 +60,13 @@ a note.
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import sys
 import threading
-from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 
@@ -74,6 +96,8 @@ from .base import (
 
 __all__ = ["TensorFlowBackend", "TensorFlowBoundModel"]
 
+_LOG = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _MISSING = object()
 #: The layer attributes Keras' ``Operation.__call__`` may dispatch to.
 _CALL_ATTRIBUTES = ("call", "quantized_call")
@@ -112,7 +136,9 @@ class TensorFlowBackend(Backend):
                 ``x + skip``), the operation object, or a ``KerasTensor`` of the graph
                 (the ``y`` of ``y = x + skip``).
             **options: ``layout`` (``"channels_last"`` or ``"channels_first"``) overrides
-                the layout read from the layer's ``data_format``.
+                the layout read from the layer's ``data_format``; ``compile=False`` runs
+                every call eagerly instead of in a traced ``tf.function`` (default
+                ``True``: compiled, eager where the model cannot be traced).
 
         Raises:
             UnsupportedModelError: not a Keras 3 model, or Keras runs on another backend.
@@ -132,12 +158,15 @@ class TensorFlowBackend(Backend):
                 "the 'tensorflow' backend needs KERAS_BACKEND=tensorflow (set it before "
                 "importing keras)."
             )
-        unknown = set(options) - {"layout"}
+        unknown = set(options) - {"layout", "compile"}
         if unknown:
             raise BackendError(
                 f"the 'tensorflow' backend got unknown options {sorted(unknown)}; "
-                "it accepts: layout."
+                "it accepts: layout, compile."
             )
+        compile = options.get("compile", True)
+        if not isinstance(compile, bool):
+            raise BackendError(f"compile={compile!r}: pass True or False.")
         named = list(_named_layers(model))
         path, target, index = _resolve_layer(model, layer, named)
         layout = options.get("layout") or _layout_of(target, named)
@@ -145,11 +174,20 @@ class TensorFlowBackend(Backend):
             raise BackendError(
                 f"layout={layout!r} is not understood; use 'channels_last' or 'channels_first'."
             )
-        return TensorFlowBoundModel(model, target, path, layout, index)
+        return TensorFlowBoundModel(model, target, path, layout, index, compile)
 
 
 class TensorFlowBoundModel(BoundModel):
-    """A Keras model bound to one layer; see :class:`TensorFlowBackend`."""
+    """A Keras model bound to one layer; see :class:`TensorFlowBackend`.
+
+    Attributes:
+        compile: whether calls use the compiled path (the ``compile=`` option).
+        last_path: ``"compiled"`` or ``"eager"``: the path the latest call took (of any
+            thread), ``None`` before the first call.
+        eager_reason: why the latest call ran eagerly (``"compile=False"``, ``"Region
+            targets run eagerly"``, the exception that tracing raised, ...), else ``None``.
+        trace_count: how many times this model's compiled functions were traced.
+    """
 
     backend: ClassVar[str] = "tensorflow"
 
@@ -160,21 +198,35 @@ class TensorFlowBoundModel(BoundModel):
         layer_name: str,
         layout: Layout,
         output_index: int | None = None,
+        compile: bool = True,
     ) -> None:
         """Store the resolved layer; use :meth:`TensorFlowBackend.bind` to make one.
 
         ``layer`` is a Layer or any other Keras operation of the model's graph;
         ``output_index`` picks one output of an operation that returns several (a
-        ``KerasTensor`` chosen as the layer says which).
+        ``KerasTensor`` chosen as the layer says which); ``compile=False`` runs every
+        call eagerly.
         """
         self.model = model
         self.layer = layer
         self.layer_name = layer_name
         self.layout = layout
         self.output_index = output_index
+        self.compile = compile
+        self.last_path: str | None = None
+        self.eager_reason: str | None = None
+
+    @property
+    def trace_count(self) -> int:
+        """How many times this model's compiled functions were traced (all explainers)."""
+        return _functions_of(self.model).trace_count
 
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
         """Run one forward pass and one batched backward pass to the bound layer.
+
+        Compiled (one ``tf.function`` per input signature and number of targets) unless
+        ``compile=False``, the targets are :class:`~multicam.targets.Region` s, or the model
+        cannot be traced; see the module's docstring.
 
         Args:
             inputs: a batch in the model's layout (NHWC unless the layer is channels-first),
@@ -193,18 +245,39 @@ class TensorFlowBoundModel(BoundModel):
             TargetError: the targets do not fit the output, or the model has several
                 outputs.
         """
+        x = self._prepare_inputs(inputs)
+        function, key, reason = self._function("gradients", targets)
+        eager = functools.partial(self._eager_gradients, x, targets)
+        if function is None:
+            return self._eager("gradients", reason, eager)
+        try:
+            arrays = _numpy(function(x, _class_tensor(targets)))
+        except Exception as exc:
+            return self._after_failure("gradients", key, exc, eager)
+        self._ran("compiled", "gradients")
+        return make_layer_gradients(
+            arrays["activations"],
+            arrays["gradients"],
+            arrays["scores"],
+            _class_ids(targets, arrays),
+            layout=self.layout,
+            input_shape=_input_shape(x),
+            layer_name=self.layer_name,
+            outputs=arrays["outputs"],
+        )
+
+    def _eager_gradients(self, x: Any, targets: Targets) -> LayerGradients:
+        """:meth:`gradients` run eagerly."""
         import tensorflow as tf
 
-        x = self._prepare_inputs(inputs)
-        first = tf.nest.flatten(x)[0]
-        input_shape = tuple(int(d) for d in first.shape)
+        input_shape = _input_shape(x)
         record = _Record(self.output_index)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             restore = _install(self.layer, record, tape)
             try:
                 with self._forward_errors(
                     input_shape,
-                    first.dtype.name,
+                    tf.nest.flatten(x)[0].dtype.name,
                     f"(raised by the model's own forward pass while multicam recorded layer "
                     f"{self.layer_name!r}; the model has been restored unchanged)",
                 ):
@@ -234,9 +307,21 @@ class TensorFlowBoundModel(BoundModel):
     def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
         """The model's outputs for a batch (``training=False``), as float32 NumPy.
 
-        ``output`` chooses one of several outputs (see ``select_output``).
+        ``output`` chooses one of several outputs (see ``select_output``). Compiled like
+        :meth:`gradients`.
         """
-        return self._plain_forward(self._prepare_inputs(inputs), None, output)
+        x = self._prepare_inputs(inputs)
+        function, key, reason = self._function("outputs", None, output)
+        eager = functools.partial(self._plain_forward, x, None, output)
+        if function is None:
+            return self._eager("outputs", reason, eager)
+        try:
+            result = function(x).numpy()
+        except Exception as exc:
+            return self._after_failure("outputs", key, exc, eager)
+        self._ran("compiled", "outputs")
+        check_finite(result, "the model's outputs")
+        return result
 
     def outputs_from_layer(
         self, inputs: Any, activations: np.ndarray, output: int | str | None = None
@@ -245,22 +330,32 @@ class TensorFlowBoundModel(BoundModel):
 
         The same shadowing wrapper as :meth:`gradients` returns the replacement instead of
         the layer's output (for this thread only); the layer's ``call`` is restored after.
+        Compiled like :meth:`gradients`, the replacement a tensor argument.
         """
         import tensorflow as tf
 
         x = self._prepare_inputs(inputs)
         n = int(tf.nest.flatten(x)[0].shape[0])
         replacement = replacement_activations(activations, n, self.layer_name, self.layout)
+        function, key, reason = self._function("outputs_from_layer", None, output)
+        eager = functools.partial(self._eager_outputs_from_layer, x, replacement, output)
+        if function is None:
+            return self._eager("outputs_from_layer", reason, eager)
+        try:
+            result = function(x, tf.convert_to_tensor(replacement)).numpy()
+        except Exception as exc:
+            return self._after_failure("outputs_from_layer", key, exc, eager)
+        self._ran("compiled", "outputs_from_layer")
+        check_finite(result, "the model's outputs")
+        return result
 
-        def replace(output: Any) -> Any:
-            if not isinstance(output, tf.Tensor) or tuple(output.shape) != replacement.shape:
-                shape = tuple(output.shape) if isinstance(output, tf.Tensor) else output
-                raise InputError(
-                    f"the replacement activations have shape {replacement.shape} but layer "
-                    f"{self.layer_name!r} outputs {shape} on this input."
-                )
-            return tf.cast(tf.convert_to_tensor(replacement), output.dtype)
+    def _eager_outputs_from_layer(
+        self, x: Any, replacement: np.ndarray, output: int | str | None
+    ) -> np.ndarray:
+        """:meth:`outputs_from_layer` run eagerly."""
+        import tensorflow as tf
 
+        replace = _replacer(tf.convert_to_tensor(replacement), self.layer_name)
         record = _ReplacingRecord(replace, self.output_index)
         out = self._plain_forward(x, record, output)
         self._recorded_activations(record)  # the layer ran exactly once
@@ -269,7 +364,7 @@ class TensorFlowBoundModel(BoundModel):
     def _plain_forward(
         self, x: Any, record: _Record | None, output: int | str | None = None
     ) -> np.ndarray:
-        """One forward, swapping the layer's output if ``record`` says so; float32 NumPy."""
+        """One eager forward, swapping the layer's output if ``record`` says so; float32."""
         import tensorflow as tf
 
         first = tf.nest.flatten(x)[0]
@@ -285,13 +380,7 @@ class TensorFlowBoundModel(BoundModel):
         finally:
             if restore is not None:
                 restore()
-        outputs = select_output(outputs, output)
-        if isinstance(outputs, list | tuple | dict):
-            raise TargetError(
-                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
-                "tensor output with output=."
-            )
-        result = tf.cast(tf.convert_to_tensor(outputs), tf.float32).numpy()
+        result = tf.cast(_chosen_tensor(outputs, output), tf.float32).numpy()
         check_finite(result, "the model's outputs")
         return result
 
@@ -307,7 +396,9 @@ class TensorFlowBoundModel(BoundModel):
         forward, backward ``max(dy, 0)``; the ReLU's own backward then masks by
         ``input > 0``. The gate acts only for the thread that is explaining; the attributes
         are restored in a ``finally``. A ReLU written inline in a subclassed model's
-        ``call`` (``tf.nn.relu(x)``, ``keras.ops.relu(x)``) is not guided.
+        ``call`` (``tf.nn.relu(x)``, ``keras.ops.relu(x)``) is not guided. Compiled like
+        :meth:`gradients` (the wrappers are installed only while tracing; the gates are
+        part of the traced graph).
 
         The result reports ``guided_relus``, how many ReLU calls the forward gated, and
         ``unguided_activations``, the kinds of the other nonlinearities that ran (layers'
@@ -328,7 +419,33 @@ class TensorFlowBoundModel(BoundModel):
                 f"guided backpropagation differentiates the input, which has dtype "
                 f"{x.dtype.name}; pass floating-point input."
             )
-        input_shape = tuple(int(d) for d in x.shape)
+        function, key, reason = self._function("guided", targets)
+        eager = functools.partial(self._eager_guided_gradients, x, targets)
+        if function is None:
+            return self._eager("guided_gradients", reason, eager)
+        try:
+            arrays = _numpy(function(x, _class_tensor(targets)))
+        except Exception as exc:
+            return self._after_failure("guided_gradients", key, exc, eager)
+        self._ran("compiled", "guided_gradients")
+        return make_layer_gradients(
+            tf.cast(x, tf.float32).numpy(),
+            arrays["gradients"],
+            arrays["scores"],
+            _class_ids(targets, arrays),
+            layout=self.layout,
+            input_shape=_input_shape(x),
+            layer_name="input",
+            outputs=arrays["outputs"],
+            guided_relus=int(arrays["relus"]),
+            unguided_activations=[kind.decode() for kind in arrays["kinds"]],
+        )
+
+    def _eager_guided_gradients(self, x: Any, targets: Targets) -> LayerGradients:
+        """:meth:`guided_gradients` run eagerly."""
+        import tensorflow as tf
+
+        input_shape = _input_shape(x)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
             tape.watch(x)
             restore, stats = _install_guided(self.model)
@@ -361,6 +478,62 @@ class TensorFlowBoundModel(BoundModel):
             guided_relus=stats.relus,
             unguided_activations=sorted(stats.kinds),
         )
+
+    # --- which path runs ----------------------------------------------------------------
+
+    def _function(
+        self, kind: str, targets: Targets | None, output: int | str | None = None
+    ) -> tuple[Any, tuple[Any, ...] | None, str]:
+        """The compiled function for this call, its cache key, or why the call runs eagerly.
+
+        ``kind`` is ``"gradients"``, ``"guided"``, ``"outputs"`` or
+        ``"outputs_from_layer"``; the last two take ``output`` instead of ``targets``.
+        """
+        if not self.compile:
+            return None, None, "compile=False"
+        scope = _keras_scope()
+        if scope:
+            return None, None, f"called inside a {scope}, whose variable values are not traced"
+        if targets is None:
+            return _functions_of(self.model).get(self, kind, None, output, None)
+        if targets.kind == "region":
+            return None, None, "Region targets run eagerly"
+        return _functions_of(self.model).get(
+            self, kind, targets.kind, targets.output, targets.score_fn
+        )
+
+    def _eager(self, what: str, reason: str, run: Callable[[], _T]) -> _T:
+        result = run()
+        self._ran("eager", what, reason)
+        return result
+
+    def _after_failure(
+        self, what: str, key: tuple[Any, ...] | None, exc: Exception, run: Callable[[], _T]
+    ) -> _T:
+        """The compiled function raised ``exc``: run eagerly; if that works, stay eager.
+
+        An error of the eager run is the one the user gets (the compiled path's errors are
+        never shown), so errors are exactly those of the eager path.
+        """
+        result = run()
+        summary = f"{type(exc).__name__}: {_first_line(exc)}"
+        reason = f"the model could not be traced ({summary}); eager from now on"
+        if key is not None:
+            _functions_of(self.model).refuse(key, reason)
+        self._ran("eager", what, reason)
+        return result
+
+    def _ran(self, path: str, what: str, reason: str | None = None) -> None:
+        self.last_path = path
+        self.eager_reason = reason
+        if _LOG.isEnabledFor(logging.DEBUG):
+            _LOG.debug(
+                "multicam: %s of layer %r ran %s%s",
+                what,
+                self.layer_name,
+                path,
+                f" ({reason})" if reason else "",
+            )
 
     def _forward_errors(
         self, input_shape: Sequence[int], input_dtype: str, note: str
@@ -434,77 +607,16 @@ class TensorFlowBoundModel(BoundModel):
         raise InputError(message + hint)
 
     def _recorded_activations(self, record: _Record) -> Any:
-        """The bound layer's output from this forward, checked to be called once."""
-        import tensorflow as tf
-
-        if record.calls == 0:
-            raise LayerError(
-                f"layer {self.layer_name!r} was not called during the model's forward pass, "
-                "so it has no activations: choose a layer the forward actually uses (a "
-                "model whose call runs inside tf.function is not supported; call it eagerly)."
-            )
-        if record.calls > 1:
-            raise LayerError(
-                f"layer {self.layer_name!r} was called {record.calls} times in one forward "
-                "pass (a shared or reused layer), so its activations are ambiguous; choose a "
-                "layer that is called exactly once, e.g. the one right after it."
-            )
-        output = record.output
-        if not isinstance(output, tf.Tensor) or isinstance(output, tf.SparseTensor):
-            raise LayerError(
-                f"layer {self.layer_name!r} returned {type(output).__name__}, not a single "
-                "dense tensor; choose a layer with one tensor output."
-            )
-        if not tf.executing_eagerly() or not hasattr(output, "numpy"):
-            raise BackendError(
-                f"layer {self.layer_name!r} ran inside a traced tf.function; multicam needs "
-                "the model to run eagerly."
-            )
-        return output
+        """The bound layer's output from this eager forward, checked to be called once."""
+        return _recorded_output(record, self.layer_name, traced=False)
 
     def _single_output(self, outputs: Any) -> Any:
         """The chosen output (see ``Targets.select_output``) as one tensor."""
-        import tensorflow as tf
-
-        if isinstance(outputs, list | tuple | dict):
-            raise TargetError(
-                f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
-                "tensor output with output=."
-            )
-        return tf.convert_to_tensor(outputs)
+        return _chosen_tensor(outputs, None)
 
     def _backward(self, tape: Any, scores: Any, columns: list[Any], activations: Any) -> Any:
-        """``(N, T, *layer_shape)`` gradients of ``scores`` (N, T) w.r.t. the activations.
-
-        Every tensor differentiated here was computed inside the tape: ``scores`` and its
-        per-target ``columns`` (N,).
-        """
-        import tensorflow as tf
-
-        if len(columns) == 1:
-            gradients = tape.gradient(scores, activations)
-            if gradients is None:
-                raise self._disconnected()
-            return gradients[:, None]
-        if len(columns) > _PFOR_FROM_TARGETS:
-            try:
-                gradients = tape.batch_jacobian(scores, activations, experimental_use_pfor=True)
-            except Exception:  # pfor cannot vectorise some op: one backward per target
-                gradients = None
-            if gradients is not None:
-                return gradients
-        # One backward per target over the same tape: the forward pass is still shared.
-        rows = [tape.gradient(column, activations) for column in columns]
-        if any(row is None for row in rows):
-            raise self._disconnected()
-        return tf.stack(rows, axis=1)
-
-    def _disconnected(self) -> LayerError:
-        return LayerError(
-            f"the target scores do not depend on the output of layer {self.layer_name!r}; "
-            "choose a layer on the path to the model's output (and a target function that "
-            "uses the outputs)."
-        )
+        """``(N, T, *layer_shape)`` gradients of ``scores`` (N, T); see :func:`_backward`."""
+        return _backward(tape, scores, columns, activations, self.layer_name)
 
     def parameter_layers(self) -> tuple[str, ...]:
         """Paths of the layers that created trainable variables, in the model's order."""
@@ -546,7 +658,7 @@ class TensorFlowBoundModel(BoundModel):
         for original, copied in zip(self.model.weights, clone.weights, strict=True):
             if id(original) in new_values:
                 copied.assign(new_values[id(original)])
-        return TensorFlowBoundModel(clone, layer, path, self.layout, index)
+        return TensorFlowBoundModel(clone, layer, path, self.layout, index, self.compile)
 
 
 def _clone(model: Any) -> Any:
@@ -573,7 +685,12 @@ class _RandomizedTensorFlowBoundModel(TensorFlowBoundModel):
 
     def __init__(self, bound: TensorFlowBoundModel, mapping: list[tuple[Any, Any]]) -> None:
         super().__init__(
-            bound.model, bound.layer, bound.layer_name, bound.layout, bound.output_index
+            bound.model,
+            bound.layer,
+            bound.layer_name,
+            bound.layout,
+            bound.output_index,
+            bound.compile,
         )
         self._mapping = mapping
 
@@ -737,6 +854,448 @@ def _install(layer: Any, record: _Record, tape: Any) -> Any:
                     del _TAPS[id(layer)]
 
     return undo
+
+
+# --- the compiled path ----------------------------------------------------------------
+
+#: Kinds of compiled function whose graph depends on the bound layer (and its output index).
+_LAYER_KINDS = ("gradients", "outputs_from_layer")
+
+
+class _Functions:
+    """The compiled functions of one model, shared by every bound model of it.
+
+    Keyed by what shapes the graph: the kind of computation, the layer and its output
+    index (for kinds that capture a layer), the target mode, the output choice and, for a
+    target function, the function object (held weakly). TensorFlow keys each function's
+    traces by the input signature, including the ``(N, T)`` shape of the class ids. A key
+    whose call failed compiled and worked eagerly maps to the reason, and runs eagerly.
+    The model and the target functions are held weakly; see :func:`_functions_of`.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self.model = weakref.ref(model)
+        self.trace_count = 0
+        self._lock = threading.Lock()
+        self._table: dict[tuple[Any, ...], Any] = {}
+        #: a target function -> its own table (empty after its first, eager, call).
+        self._by_function: weakref.WeakKeyDictionary[Any, dict[tuple[Any, ...], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        #: id -> layer, so that an id in a key cannot be reused while the model lives.
+        self._layers: dict[int, Any] = {}
+
+    def get(
+        self,
+        bound: TensorFlowBoundModel,
+        kind: str,
+        mode: str | None,
+        output: int | str | None,
+        score_fn: Callable[[Any], Any] | None,
+    ) -> tuple[Any, tuple[Any, ...] | None, str]:
+        """``(function, key, "")``, or ``(None, key or None, why the call runs eagerly)``."""
+        layer = (id(bound.layer), bound.output_index) if kind in _LAYER_KINDS else None
+        key = (kind, layer, mode, output)
+        with self._lock:
+            table = self._table
+            if score_fn is not None:
+                try:
+                    found = self._by_function.get(score_fn)
+                    if found is None:
+                        self._by_function[score_fn] = {}
+                        return (
+                            None,
+                            None,
+                            (
+                                "first call with this target function (compiled from its second "
+                                "call on)"
+                            ),
+                        )
+                except TypeError:  # not hashable or not weakly referenceable
+                    return None, None, "a target function that cannot be weakly referenced"
+                table = found
+            entry = table.get(key)
+            if entry is None:
+                if layer is not None:
+                    self._layers[id(bound.layer)] = bound.layer
+                entry = table[key] = self._compile(bound, kind, mode, output, score_fn)
+        if isinstance(entry, str):
+            return None, (*key, score_fn), entry
+        return entry, (*key, score_fn), ""
+
+    def refuse(self, key: tuple[Any, ...], reason: str) -> None:
+        """Run ``key`` eagerly from now on, saying ``reason``."""
+        *rest, score_fn = key
+        with self._lock:
+            table = self._table if score_fn is None else self._by_function.get(score_fn)
+            if table is not None:
+                table[tuple(rest)] = reason
+
+    def counted(self) -> None:
+        """Count one trace (called while tracing)."""
+        with self._lock:
+            self.trace_count += 1
+
+    def _compile(
+        self,
+        bound: TensorFlowBoundModel,
+        kind: str,
+        mode: str | None,
+        output: int | str | None,
+        score_fn: Callable[[Any], Any] | None,
+    ) -> Any:
+        import tensorflow as tf
+
+        traced: Callable[..., Any]
+        this = weakref.ref(self)
+        if kind in ("gradients", "guided"):
+            assert mode is not None
+            traced = _traced_gradients(
+                this,
+                None if kind == "guided" else bound.layer,
+                bound.layer_name,
+                bound.output_index,
+                mode,
+                output,
+                None if score_fn is None else weakref.ref(score_fn),
+            )
+        elif kind == "outputs":
+            traced = _traced_outputs(this, output)
+        else:
+            traced = _traced_outputs_from_layer(
+                this, bound.layer, bound.layer_name, bound.output_index, output
+            )
+        # No AutoGraph: Keras does not convert a model's call either, so a model traces
+        # here exactly when it traces under Keras' own compiled predict.
+        function = tf.function(traced, autograph=False, reduce_retracing=False)
+        # A new input shape, mode or output choice traces by design; TensorFlow's warning
+        # about frequent retracing would send the user to code they did not write.
+        function._omit_frequent_tracing_warning = True
+        return function
+
+
+_FUNCTIONS_LOCK = threading.Lock()
+#: id(model) -> its compiled functions, while the model lives.
+_FUNCTIONS: dict[int, _Functions] = {}
+
+
+def _functions_of(model: Any) -> _Functions:
+    """The compiled functions of ``model``, created on first use, dropped with the model."""
+    with _FUNCTIONS_LOCK:
+        functions = _FUNCTIONS.get(id(model))
+        if functions is None or functions.model() is not model:
+            functions = _FUNCTIONS[id(model)] = _Functions(model)
+            weakref.finalize(model, _forget_functions, id(model), weakref.ref(functions))
+        return functions
+
+
+def _forget_functions(model_id: int, functions: weakref.ref[_Functions]) -> None:
+    with _FUNCTIONS_LOCK:
+        if _FUNCTIONS.get(model_id) is functions():
+            del _FUNCTIONS[model_id]
+
+
+def _traced_gradients(
+    functions: weakref.ref[_Functions],
+    layer: Any,
+    layer_name: str,
+    index: int | None,
+    mode: str,
+    output: int | str | None,
+    score_fn: weakref.ref[Callable[[Any], Any]] | None,
+) -> Callable[[Any, Any], dict[str, Any]]:
+    """What a compiled (guided, if ``layer`` is None) gradients function traces.
+
+    The traced graph returns float32 ``gradients`` (N, T, ...), ``scores`` (N, T),
+    ``outputs``, and ``activations`` (the layer's output), ``ids`` (the class ids it
+    chose, for the predicted class and ``"all"``), or for guided backpropagation ``relus``
+    and ``kinds`` (the ReLUs it guided and the other nonlinearities' kinds: constants of
+    the trace). Any failure raises; the caller then runs the call eagerly.
+    """
+    import tensorflow as tf
+
+    def trace(x: Any, classes: Any) -> dict[str, Any]:
+        owner = functions()
+        model = None if owner is None else owner.model()
+        assert owner is not None and model is not None  # the caller holds both
+        owner.counted()
+        record = _Record(index)
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            if layer is None:
+                tape.watch(x)
+                restore, stats = _install_guided(model)
+            else:
+                restore = _install(layer, record, tape)
+            try:
+                outputs = model(x, training=False)
+            finally:
+                restore()
+            source = x if layer is None else _recorded_output(record, layer_name, traced=True)
+            outputs = _chosen_tensor(outputs, output)
+            scores, ids = _traced_scores(outputs, mode, classes, score_fn)
+            columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
+        gradients = _backward(tape, scores, columns, source, layer_name)
+        result = {
+            "gradients": tf.cast(gradients, tf.float32),
+            "scores": tf.cast(scores, tf.float32),
+            "outputs": tf.cast(outputs, tf.float32),
+        }
+        if ids is not None:
+            result["ids"] = ids
+        if layer is None:
+            result["relus"] = tf.constant(stats.relus, tf.int64)
+            result["kinds"] = tf.constant(sorted(stats.kinds), tf.string, shape=(len(stats.kinds),))
+        else:
+            result["activations"] = tf.cast(source, tf.float32)
+        return result
+
+    return trace
+
+
+def _traced_outputs(
+    functions: weakref.ref[_Functions], output: int | str | None
+) -> Callable[[Any], Any]:
+    """What a compiled :meth:`TensorFlowBoundModel.outputs` traces: float32 outputs."""
+    import tensorflow as tf
+
+    def trace(x: Any) -> Any:
+        owner = functions()
+        model = None if owner is None else owner.model()
+        assert owner is not None and model is not None
+        owner.counted()
+        return tf.cast(_chosen_tensor(model(x, training=False), output), tf.float32)
+
+    return trace
+
+
+def _traced_outputs_from_layer(
+    functions: weakref.ref[_Functions],
+    layer: Any,
+    layer_name: str,
+    index: int | None,
+    output: int | str | None,
+) -> Callable[[Any, Any], Any]:
+    """What a compiled ``outputs_from_layer`` traces: the replacement is an argument."""
+    import tensorflow as tf
+
+    def trace(x: Any, replacement: Any) -> Any:
+        owner = functions()
+        model = None if owner is None else owner.model()
+        assert owner is not None and model is not None
+        owner.counted()
+        record = _ReplacingRecord(_replacer(replacement, layer_name), index)
+        restore = _install(layer, record, _NoTape())
+        try:
+            outputs = model(x, training=False)
+        finally:
+            restore()
+        _recorded_output(record, layer_name, traced=True)  # the layer ran exactly once
+        return tf.cast(_chosen_tensor(outputs, output), tf.float32)
+
+    return trace
+
+
+def _traced_scores(
+    outputs: Any,
+    mode: str,
+    classes: Any,
+    score_fn: weakref.ref[Callable[[Any], Any]] | None,
+) -> tuple[Any, Any]:
+    """``(N, T)`` scores and, for the predicted class and ``"all"``, the class ids chosen.
+
+    Explicit class ids are clipped to the output's classes so that the graph never fails
+    on them; the caller validates them against the output's shape afterwards (the
+    TargetError of the eager path).
+    """
+    import tensorflow as tf
+
+    n = outputs.shape[0]
+    if mode == "score":
+        fn = None if score_fn is None else score_fn()
+        assert fn is not None  # the caller holds the target function
+        scores = tf.convert_to_tensor(fn(outputs))
+        if tuple(scores.shape) != (n,):
+            raise TargetError(f"the target function returned shape {tuple(scores.shape)}")
+        return scores[:, None], None
+    if outputs.shape.rank != 2:
+        raise TargetError(f"class targets need (N, C) outputs, got {tuple(outputs.shape)}")
+    num_classes = int(outputs.shape[1])
+    ids = None
+    if mode == "predicted":
+        ids = tf.argmax(outputs, axis=1, output_type=tf.int64)[:, None]
+        chosen = ids
+    elif mode == "all":
+        ids = tf.tile(tf.range(num_classes, dtype=tf.int64)[None], [tf.shape(outputs)[0], 1])
+        chosen = ids
+    else:
+        chosen = tf.clip_by_value(classes, 0, num_classes - 1)
+    return tf.gather(outputs, chosen, axis=1, batch_dims=1), ids
+
+
+def _class_tensor(targets: Targets) -> Any:
+    """The class ids a compiled gradients function takes: ``(N, T)`` int64, or None."""
+    if targets.kind != "classes":
+        return None
+    import tensorflow as tf
+
+    return tf.constant(targets.classes, tf.int64)
+
+
+def _class_ids(targets: Targets, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+    """The ``(N, T)`` class ids of a compiled call, validated as on the eager path."""
+    if targets.kind == "score":
+        return None
+    if targets.kind == "classes":
+        return targets.class_ids(arrays["outputs"].shape)  # TargetError if out of range
+    return arrays["ids"].astype(np.int64)
+
+
+def _numpy(tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """The traced function's results as read-only NumPy views of their buffers.
+
+    No copy: ten targets' gradients are tens of MB (JAX's results are read-only views too).
+    """
+    return {name: np.asarray(tensor) for name, tensor in tensors.items()}
+
+
+def _input_shape(x: Any) -> tuple[int, ...]:
+    """The shape of the (first) input tensor."""
+    import tensorflow as tf
+
+    return tuple(int(d) for d in tf.nest.flatten(x)[0].shape)
+
+
+def _keras_scope() -> str | None:
+    """A Keras scope that makes a traced graph wrong (it maps variables), if one is active.
+
+    Inside a ``keras.StatelessScope`` (e.g. a randomised copy of the model, see
+    ``randomized``) variables read values from the scope, which a trace would freeze into
+    a graph shared with calls outside it.
+    """
+    try:  # Keras exports the scopes but not these queries
+        from keras.src import backend as keras_backend
+    except ImportError:
+        return "Keras scope that multicam cannot query"
+    for name, query in (
+        ("keras.StatelessScope", "in_stateless_scope"),
+        ("keras.SymbolicScope", "in_symbolic_scope"),
+    ):
+        active = getattr(keras_backend, query, None)
+        if active is None or active():
+            return name
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    line = (str(exc).strip().splitlines() or [""])[0]
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+# --- shared by both paths -------------------------------------------------------------
+
+
+def _recorded_output(record: _Record, layer_name: str, *, traced: bool) -> Any:
+    """The bound layer's output from one forward, checked to be called once.
+
+    ``traced``: the forward ran while a ``tf.function`` was traced, so the output must be
+    a tensor of the graph being traced (not of a ``tf.function`` inside the model).
+    """
+    import tensorflow as tf
+
+    if record.calls == 0:
+        raise LayerError(
+            f"layer {layer_name!r} was not called during the model's forward pass, "
+            "so it has no activations: choose a layer the forward actually uses (a "
+            "model whose call runs inside tf.function is not supported; call it eagerly)."
+        )
+    if record.calls > 1:
+        raise LayerError(
+            f"layer {layer_name!r} was called {record.calls} times in one forward "
+            "pass (a shared or reused layer), so its activations are ambiguous; choose a "
+            "layer that is called exactly once, e.g. the one right after it."
+        )
+    output = record.output
+    if not isinstance(output, tf.Tensor) or isinstance(output, tf.SparseTensor):
+        raise LayerError(
+            f"layer {layer_name!r} returned {type(output).__name__}, not a single "
+            "dense tensor; choose a layer with one tensor output."
+        )
+    if traced:
+        graph = getattr(output, "graph", None)
+        inside = graph is not None and graph is tf.compat.v1.get_default_graph()
+    else:
+        inside = tf.executing_eagerly() and hasattr(output, "numpy")
+    if not inside:
+        raise BackendError(
+            f"layer {layer_name!r} ran inside a traced tf.function; multicam needs "
+            "the model to run eagerly."
+        )
+    return output
+
+
+def _chosen_tensor(outputs: Any, output: int | str | None) -> Any:
+    """The chosen one of a model's outputs (see ``select_output``) as one tensor."""
+    import tensorflow as tf
+
+    outputs = select_output(outputs, output)
+    if isinstance(outputs, list | tuple | dict):
+        raise TargetError(
+            f"the chosen output is a {type(outputs).__name__}, not a tensor; choose a "
+            "tensor output with output=."
+        )
+    return tf.convert_to_tensor(outputs)
+
+
+def _replacer(replacement: Any, layer_name: str) -> Callable[[Any], Any]:
+    """``outputs_from_layer``'s swap: the layer's output for ``replacement`` (same shape)."""
+    import tensorflow as tf
+
+    def replace(output: Any) -> Any:
+        if not isinstance(output, tf.Tensor) or tuple(output.shape) != tuple(replacement.shape):
+            shape = tuple(output.shape) if isinstance(output, tf.Tensor) else output
+            raise InputError(
+                f"the replacement activations have shape {tuple(replacement.shape)} but "
+                f"layer {layer_name!r} outputs {shape} on this input."
+            )
+        return tf.cast(replacement, output.dtype)
+
+    return replace
+
+
+def _backward(tape: Any, scores: Any, columns: list[Any], activations: Any, layer_name: str) -> Any:
+    """``(N, T, *layer_shape)`` gradients of ``scores`` (N, T) w.r.t. the activations.
+
+    Every tensor differentiated here was computed inside the tape: ``scores`` and its
+    per-target ``columns`` (N,). Up to 16 targets, one backward per target over the same
+    tape (the forward pass is shared); above, pfor's vectorised batch Jacobian, falling
+    back to the loop where pfor cannot vectorise an op.
+    """
+    import tensorflow as tf
+
+    if len(columns) == 1:
+        gradients = tape.gradient(scores, activations)
+        if gradients is None:
+            raise _disconnected(layer_name)
+        return gradients[:, None]
+    if len(columns) > _PFOR_FROM_TARGETS:
+        try:
+            gradients = tape.batch_jacobian(scores, activations, experimental_use_pfor=True)
+        except Exception:  # pfor cannot vectorise some op: one backward per target
+            gradients = None
+        if gradients is not None:
+            return gradients
+    rows = [tape.gradient(column, activations) for column in columns]
+    if any(row is None for row in rows):
+        raise _disconnected(layer_name)
+    return tf.stack(rows, axis=1)
+
+
+def _disconnected(layer_name: str) -> LayerError:
+    return LayerError(
+        f"the target scores do not depend on the output of layer {layer_name!r}; "
+        "choose a layer on the path to the model's output (and a target function that "
+        "uses the outputs)."
+    )
 
 
 def _restore(layer: Any, saved: list[tuple[str, Any]]) -> None:
