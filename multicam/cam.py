@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import Any, ClassVar
 
 import numpy as np
 
-from . import algebra
+from . import algebra, xp
 from .backends import Backend, BoundModel, LayerGradients, resolve_backend
 from .backends.base import check_finite
 from .diagnose import Diagnosis, diagnose, warn_if_blank, warn_training
@@ -39,6 +41,39 @@ __all__ = [
 
 _INTERPOLATIONS = ("bilinear", "linear", "trilinear", "nearest")
 _LAYER_LAYOUTS = ("auto", "channels_first", "channels_last")
+_ALGEBRAS = ("numpy", "native", "auto")
+_ARRAY_FIELDS = (
+    "maps",
+    "raw",
+    "weights",
+    "scores",
+    "activations",
+    "gradients",
+    "outputs",
+    "dropped_token_gradients",
+)
+
+
+def _ops(array: Any) -> ModuleType:
+    """The algebra for ``array``: :mod:`multicam.algebra` for NumPy, else :mod:`multicam.xp`.
+
+    The first is the reference; the second computes the same functions on any array-API
+    namespace (a framework's own arrays).
+    """
+    return algebra if isinstance(array, np.ndarray) else xp
+
+
+def _moveaxis(array: Any, source: int, destination: int) -> Any:
+    """``array`` with an axis moved: C-contiguous NumPy, or the framework's own array."""
+    if isinstance(array, np.ndarray):
+        return np.ascontiguousarray(np.moveaxis(array, source, destination))
+    return xp.namespace(array).moveaxis(array, source, destination)
+
+
+def _reshape(array: Any, shape: tuple[int, ...]) -> Any:
+    if isinstance(array, np.ndarray):
+        return array.reshape(shape)
+    return xp.namespace(array).reshape(array, shape)
 
 
 @dataclass(frozen=True)
@@ -58,6 +93,13 @@ class CAMResult:
 
     Shapes: N samples, T targets per sample, K channels, ``S`` the layer's spatial dims,
     ``S_out`` the output size.
+
+    Array types: NumPy arrays by default (``algebra="numpy"``). When the explainer ran
+    with ``algebra="native"`` (or ``"auto"`` on an accelerator), ``maps``, ``raw``,
+    ``weights``, ``scores``, ``activations``, ``gradients``, ``outputs`` and
+    ``dropped_token_gradients`` are the framework's own arrays (``torch.Tensor``,
+    ``jax.Array``) on the model's device; ``targets`` is NumPy either way.
+    :meth:`to_numpy` copies them all to the host.
 
     Attributes:
         maps: ``(N, T, *S_out)`` float32: ReLU'd (unless ``relu=False``), resized,
@@ -98,13 +140,26 @@ class CAMResult:
     request: Targets | None = None
     dropped_token_gradients: np.ndarray | None = None
 
+    @property
+    def is_numpy(self) -> bool:
+        """Whether the arrays are NumPy (``False`` for a native-algebra result)."""
+        return isinstance(self.maps, np.ndarray)
+
+    def to_numpy(self) -> CAMResult:
+        """This result with every array as NumPy on the host (itself when already so)."""
+        if self.is_numpy:
+            return self
+        return dataclasses.replace(
+            self, **{name: xp.to_numpy(getattr(self, name)) for name in _ARRAY_FIELDS}
+        )
+
     def diagnose(self) -> Diagnosis:
         """Explain what the maps show, and why a map is blank, with the numbers behind it.
 
         Returns:
             A :class:`~multicam.diagnose.Diagnosis`; ``print()`` it for a report.
         """
-        return diagnose(self)
+        return diagnose(self.to_numpy())
 
 
 @dataclass(frozen=True)
@@ -168,8 +223,8 @@ class TokenGrid:
                 f"{activations.ndim} dims (shape {_native_shape(activations, layout)})."
             )
         if layout == "channels_last":  # the backend moved D forward: (N, D, L) -> (N, L, D)
-            activations = np.moveaxis(activations, 1, -1)
-            gradients = np.moveaxis(gradients, 2, -1)
+            activations = _moveaxis(activations, 1, -1)
+            gradients = _moveaxis(gradients, 2, -1)
         tokens = activations.shape[1]
         cells = int(np.prod(self.shape))
         prefix = self.prefix_tokens
@@ -182,16 +237,20 @@ class TokenGrid:
                 "reshape=TokenGrid(shape, prefix_tokens=...) with the right grid."
             )
         n, t = gradients.shape[:2]
-        grid_a = activations[:, prefix:].reshape(n, *self.shape, -1)
-        grid_g = gradients[:, :, prefix:].reshape(n, t, *self.shape, -1)
+        grid_a = _reshape(activations[:, prefix:], (n, *self.shape, -1))
+        grid_g = _reshape(gradients[:, :, prefix:], (n, t, *self.shape, -1))
         dropped = None
         if prefix:
-            dropped = np.abs(gradients[:, :, :prefix]).reshape(n, t, -1).max(axis=-1)
+            if isinstance(gradients, np.ndarray):
+                dropped = np.abs(gradients[:, :, :prefix]).reshape(n, t, -1).max(axis=-1)
+            else:
+                ns = xp.namespace(gradients)
+                dropped = ns.max(ns.reshape(ns.abs(gradients[:, :, :prefix]), (n, t, -1)), axis=-1)
         return (
             dataclasses.replace(
                 layer_gradients,
-                activations=np.ascontiguousarray(np.moveaxis(grid_a, -1, 1)),
-                gradients=np.ascontiguousarray(np.moveaxis(grid_g, -1, 2)),
+                activations=_moveaxis(grid_a, -1, 1),
+                gradients=_moveaxis(grid_g, -1, 2),
             ),
             dropped,
         )
@@ -219,14 +278,10 @@ def swap_layout(layer_gradients: LayerGradients, native: str) -> LayerGradients:
     """
     activations, gradients = layer_gradients.activations, layer_gradients.gradients
     if native == "channels_first":  # read (N, H, W, C) as K=H: the true K is last
-        activations, gradients = np.moveaxis(activations, -1, 1), np.moveaxis(gradients, -1, 2)
+        activations, gradients = _moveaxis(activations, -1, 1), _moveaxis(gradients, -1, 2)
     else:  # moved (N, K, h, w)'s last axis forward: (N, w, K, h); undo
-        activations, gradients = np.moveaxis(activations, 1, -1), np.moveaxis(gradients, 2, -1)
-    return dataclasses.replace(
-        layer_gradients,
-        activations=np.ascontiguousarray(activations),
-        gradients=np.ascontiguousarray(gradients),
-    )
+        activations, gradients = _moveaxis(activations, 1, -1), _moveaxis(gradients, 2, -1)
+    return dataclasses.replace(layer_gradients, activations=activations, gradients=gradients)
 
 
 def _consistent(spatial: Sequence[int], input_spatial: Sequence[int]) -> bool:
@@ -254,8 +309,11 @@ def guess_layer_layout(layer_gradients: LayerGradients, native: str) -> tuple[st
         return native, None
     other = "channels_last" if native == "channels_first" else "channels_first"
     native_spatial = activations.shape[2:]
-    other_spatial = swap_layout(layer_gradients, native).activations.shape[2:]
-    if _consistent(native_spatial, input_spatial) or not _consistent(other_spatial, input_spatial):
+    if _consistent(native_spatial, input_spatial):
+        return native, None
+    swapped = _swapped_shape(activations.shape, native)
+    other_spatial = swapped[2:]
+    if not _consistent(other_spatial, input_spatial):
         return native, None
     shape = _native_shape(activations, native)
     reason = (
@@ -263,9 +321,17 @@ def guess_layer_layout(layer_gradients: LayerGradients, native: str) -> tuple[st
         f"{activations.shape[1]} channels on a {'x'.join(map(str, native_spatial))} grid, "
         f"which does not match the input's {'x'.join(map(str, input_spatial))}; read "
         f"{other.replace('_', '-')} it is a {'x'.join(map(str, other_spatial))} grid of "
-        f"{swap_layout(layer_gradients, native).activations.shape[1]} channels"
+        f"{swapped[1]} channels"
     )
     return other, reason
+
+
+def _swapped_shape(shape: Sequence[int], native: str) -> tuple[int, ...]:
+    """The activations' shape after :func:`swap_layout`, without moving any data."""
+    n, k, *spatial = shape
+    if native == "channels_first":  # (N, K, *S) -> (N, S[-1], K, *S[:-1])
+        return (n, spatial[-1], k, *spatial[:-1])
+    return (n, spatial[0], *spatial[1:], k)  # (N, K, *S) -> (N, S[0], *S[1:], K)
 
 
 def _token_hint(activations: np.ndarray, layout: str, input_spatial: Sequence[int]) -> str:
@@ -312,13 +378,30 @@ class CAM:
             then said in a :class:`~multicam.errors.LayoutWarning`), ``"channels_first"``
             ``(N, C, *S)`` or ``"channels_last"`` ``(N, *S, C)`` (e.g. a Swin block in
             torch).
+        algebra: where the maps are computed. ``"numpy"`` (default, the reference): the
+            backend hands activations and gradients to the host and
+            :mod:`multicam.algebra` computes in NumPy; every array of the result is NumPy.
+            ``"native"``: :mod:`multicam.xp` computes on the framework's own arrays, on
+            the model's device (torch and JAX backends; needs ``array-api-compat``); the
+            result's arrays are then ``torch.Tensor`` / ``jax.Array`` on that device (see
+            :class:`CAMResult`). ``"auto"``: native when the model's parameters are on an
+            accelerator (a GPU) and the method and backend support it, else NumPy.
+            Both give the same maps to float32 round-off.
         **options: passed to the backend, e.g. ``variables=`` for Flax linen.
 
     Raises:
         UnsupportedModelError: no backend recognises the model.
-        BackendNotInstalledError: the requested backend's framework is missing.
+        BackendNotInstalledError: the requested backend's framework is missing, or
+            ``algebra="native"`` without ``array-api-compat``.
         LayerError: the layer does not exist (the message lists the nearest names).
+        OptionError: ``algebra="native"`` for a method or backend without a native path.
     """
+
+    #: Whether the class's own numerical methods compute with :mod:`multicam.xp` on a
+    #: framework's arrays (``algebra="native"``). The built-in gradient methods set it; a
+    #: subclass that overrides ``channel_weights``, ``combine``, ``_signed``,
+    #: ``_augmented`` or ``__call__`` without setting it again has no native path.
+    native_algebra: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -329,14 +412,50 @@ class CAM:
         output: int | str | None = None,
         reshape: TokenGrid | Sequence[int] | None = None,
         layer_layout: str = "auto",
+        algebra: str = "numpy",
         **options: Any,
     ) -> None:
         if layer_layout not in _LAYER_LAYOUTS:
             raise OptionError(f"layer_layout={layer_layout!r}: expected one of {_LAYER_LAYOUTS}.")
+        if algebra not in _ALGEBRAS:
+            raise OptionError(
+                f"algebra={algebra!r}: expected 'numpy' (the default: NumPy on the host), "
+                "'native' (the framework's own arrays on the model's device) or 'auto' "
+                "(native on an accelerator)."
+            )
         self.output = output
         self.reshape = None if reshape is None else TokenGrid.of(reshape)
         self.layer_layout = layer_layout
+        self.algebra = algebra
         self.bound: BoundModel = resolve_backend(model, backend).bind(model, layer, **options)
+        if algebra == "native":
+            if not _supports_native(type(self)):
+                raise OptionError(
+                    f"algebra='native': {type(self).__name__} computes its weights in NumPy; "
+                    "use algebra='numpy' (or 'auto'), or a gradient method such as GradCAM."
+                )
+            if getattr(self.bound, "native_gradients", None) is None:
+                raise OptionError(
+                    f"algebra='native': the {self.backend!r} backend hands back NumPy arrays "
+                    "only; the torch and jax backends have a native path. Use "
+                    "algebra='numpy' (or 'auto')."
+                )
+            xp.namespace(np.zeros(1))  # array-api-compat missing: say so now, not per call
+
+    def _native(self, inputs: Any) -> bool:
+        """Whether this call computes on the framework's arrays (see ``algebra=``)."""
+        if self.algebra != "auto":
+            return self.algebra == "native"
+        on_accelerator = getattr(self.bound, "on_accelerator", None)
+        if not _supports_native(type(self)) or on_accelerator is None:
+            return False
+        if not on_accelerator(inputs):
+            return False
+        try:
+            xp.namespace(np.zeros(1))
+        except ImportError:  # auto without array-api-compat: the NumPy path
+            return False
+        return True
 
     @property
     def backend(self) -> str:
@@ -359,7 +478,7 @@ class CAM:
         methods that weigh every position on its own override this.
         """
         weights = self.channel_weights(layer_gradients)
-        return weights, algebra.weighted_sum(layer_gradients.activations, weights)
+        return weights, _ops(weights).weighted_sum(layer_gradients.activations, weights)
 
     def __call__(
         self,
@@ -428,18 +547,28 @@ class CAM:
                 "weighs every position on its own."
             )
         parsed = Targets.parse(targets, n, output=self.output)
+        native = self._native(inputs)
         if aug_smooth:
-            explained = self._augmented(inputs, parsed, eigen_smooth, warn)
+            explained = self._augmented(inputs, parsed, eigen_smooth, warn, native)
         else:
-            explained = self._signed(inputs, parsed, eigen_smooth, warn)
+            explained = self._signed(inputs, parsed, eigen_smooth, warn, native)
         layer_gradients, weights, raw = explained.layer_gradients, explained.weights, explained.raw
-        maps = algebra.relu(raw) if relu else raw
+        ops = _ops(raw)
+        maps = ops.relu(raw) if relu else raw
         out_size = self._output_size(size, layer_gradients)
         if out_size is not None:
-            maps = algebra.resize(maps, out_size, interpolation, align_corners)  # type: ignore[arg-type]
-        check_finite(raw, "the weighted sums of the activation maps")
-        if normalize:
-            maps = algebra.normalize(maps, raw.ndim - 2, eps)
+            maps = ops.resize(maps, out_size, interpolation, align_corners)
+        if ops is algebra:
+            check_finite(raw, "the weighted sums of the activation maps")
+            if normalize:
+                # In place on the maps the ReLU or the resize just made: one pass over them
+                # and one allocation fewer.
+                owned = not np.may_share_memory(maps, raw)
+                maps = algebra.normalize(maps, raw.ndim - 2, eps, out=maps if owned else None)
+        else:
+            xp.check_finite({"the weighted sums of the activation maps": raw})
+            if normalize:
+                maps = xp.normalize(maps, raw.ndim - 2, eps)
         result = CAMResult(
             maps=maps,
             raw=raw,
@@ -458,17 +587,24 @@ class CAM:
         )
         if warn:
             warn_training(result.training, result.backend)
-            if relu:
+            if relu and ops is algebra:
                 warn_if_blank(result)
+            elif relu and xp.blank_maps(raw).any():  # only (N, T) flags left the device
+                warn_if_blank(dataclasses.replace(result, raw=xp.to_numpy(raw)))
         return result
 
-    def _signed(self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool) -> _Pass:
+    def _signed(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool, native: bool = False
+    ) -> _Pass:
         """One backend call: the layer gradients, channel weights and signed map."""
-        layer_gradients = self.bound.gradients(inputs, targets)
+        if native:
+            layer_gradients = self.bound.native_gradients(inputs, targets)  # type: ignore[attr-defined]
+        else:
+            layer_gradients = self.bound.gradients(inputs, targets)
         layer_gradients, layer_layout, dropped = self._to_grid(layer_gradients, warn)
         weights, raw = self.combine(layer_gradients)
         if eigen_smooth:
-            raw = algebra.eigen_smooth(layer_gradients.activations, weights)
+            raw = _ops(raw).eigen_smooth(layer_gradients.activations, weights)
         return _Pass(layer_gradients, weights, raw, layer_layout, dropped)
 
     def _to_grid(
@@ -519,12 +655,14 @@ class CAM:
             layer_gradients = swap_layout(layer_gradients, native)
         return layer_gradients, layout, None
 
-    def _augmented(self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool) -> _Pass:
+    def _augmented(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool, native: bool = False
+    ) -> _Pass:
         """Test-time augmentation: the mean signed map over flips and brightness scales."""
         array = np.asarray(inputs.detach().cpu() if hasattr(inputs, "detach") else inputs)
         width_axis = -1 if self.bound.layout == "channels_first" else -2
         if targets.kind in ("predicted", "all"):  # fix the classes once, from the plain input
-            plain = self._signed(array, targets, eigen_smooth, warn).layer_gradients
+            plain = self._signed(array, targets, eigen_smooth, warn, native).layer_gradients
             assert plain.targets is not None
             targets = Targets.parse(plain.targets, targets.batch_size, output=self.output)
         passes: list[_Pass] = []
@@ -536,10 +674,21 @@ class CAM:
                     targets,
                     eigen_smooth,
                     warn and not passes,  # one layout warning, not six
+                    native,
                 )
-                raw = np.flip(explained.raw, -1) if flip else explained.raw
+                raw = explained.raw
+                if flip and native:
+                    raw = xp.namespace(raw).flip(raw, axis=-1)
+                elif flip:
+                    raw = np.flip(raw, -1)
                 passes.append(dataclasses.replace(explained, raw=raw))
         plain_pass = passes[1]  # unflipped, unscaled
+        if native:
+            return dataclasses.replace(
+                plain_pass,
+                weights=xp.mean_of([p.weights for p in passes]),
+                raw=xp.mean_of([p.raw for p in passes]),
+            )
         weights = np.stack([p.weights for p in passes]).mean(axis=0, dtype=np.float64)
         raw = np.stack([p.raw for p in passes]).mean(axis=0, dtype=np.float64)
         return dataclasses.replace(
@@ -572,6 +721,27 @@ class CAM:
                 f"{spatial}; pass {len(spatial)} positive ints."
             )
         return tuple(int(s) for s in shape)
+
+
+_NUMERICAL = ("channel_weights", "combine", "_signed", "_augmented", "__call__")
+
+
+_NATIVE_SUPPORT: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+def _supports_native(cls: type[CAM]) -> bool:
+    """Whether every numerical method ``cls`` runs comes from a class with a native path.
+
+    The methods ``CAM`` defines are array-generic; any other class defining one must set
+    ``native_algebra = True`` itself, so a subclass that overrides one in NumPy (and does
+    not say otherwise) falls back to the NumPy path instead of failing on tensors.
+    """
+    if cls not in _NATIVE_SUPPORT:
+        owners = [next(k for k in cls.__mro__ if name in vars(k)) for name in _NUMERICAL]
+        _NATIVE_SUPPORT[cls] = cls.native_algebra and all(
+            owner is CAM or vars(owner).get("native_algebra", False) for owner in owners
+        )
+    return _NATIVE_SUPPORT[cls]
 
 
 def _other(layout: str) -> str:
@@ -611,8 +781,10 @@ class GradCAM(CAM):
         (2, 1, 12, 12)
     """
 
+    native_algebra = True
+
     def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
-        return algebra.channel_weights(layer_gradients.gradients, "mean")
+        return _ops(layer_gradients.gradients).channel_weights(layer_gradients.gradients, "mean")
 
 
 class GradCAMPlusPlus(CAM):
@@ -636,6 +808,8 @@ class GradCAMPlusPlus(CAM):
     choose a post-ReLU layer (``diagnose`` reports signed activations).
     """
 
+    native_algebra = True
+
     def __init__(
         self,
         model: Any,
@@ -656,14 +830,17 @@ class GradCAMPlusPlus(CAM):
 
     def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
         activations, gradients = layer_gradients.activations, layer_gradients.gradients
+        ops = _ops(gradients)
         if self.output_function == "exp":
-            return algebra.gradcam_plus_plus_weights(activations, gradients)
+            return ops.gradcam_plus_plus_weights(activations, gradients)
         assert callable(self.output_function)
         spatial = (1,) * (gradients.ndim - 3)
-        derivatives = [
+        derivatives = [  # the output function sees NumPy scores on either path
             np.asarray(d, np.float64).reshape(*gradients.shape[:2], 1, *spatial)
-            for d in self.output_function(layer_gradients.scores)
+            for d in self.output_function(xp.to_numpy(layer_gradients.scores))
         ]
+        if ops is xp:
+            return xp.general_weights_from_derivatives(activations, gradients, derivatives)
         g = gradients.astype(np.float64)
         first, second, third = (d * g**power for power, d in enumerate(derivatives, 1))
         return algebra.gradcam_plus_plus_general_weights(activations, first, second, third)
@@ -675,8 +852,11 @@ class XGradCAM(CAM):
     ``w_k = sum_ij A_k^ij dS/dA_k^ij / sum_ab A_k^ab``; a channel summing to 0 weighs 0.
     """
 
+    native_algebra = True
+
     def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
-        return algebra.xgradcam_weights(layer_gradients.activations, layer_gradients.gradients)
+        activations, gradients = layer_gradients.activations, layer_gradients.gradients
+        return _ops(gradients).xgradcam_weights(activations, gradients)
 
 
 class _ElementWise(CAM):
@@ -687,12 +867,15 @@ class _ElementWise(CAM):
     """
 
     rule: str
-    reported: Callable[[np.ndarray], np.ndarray] = staticmethod(lambda g: g)
+    #: Whether ``res.weights`` averages ``relu(g)`` (LayerCAM) rather than ``g``.
+    positive_weights: ClassVar[bool] = False
+    native_algebra = True
 
     def combine(self, layer_gradients: LayerGradients) -> tuple[np.ndarray, np.ndarray]:
         gradients = layer_gradients.gradients
-        raw = algebra.elementwise_map(layer_gradients.activations, gradients, self.rule)
-        weights = algebra.channel_weights(type(self).reported(gradients))
+        ops = _ops(gradients)
+        raw = ops.elementwise_map(layer_gradients.activations, gradients, self.rule)
+        weights = ops.channel_weights(ops.relu(gradients) if self.positive_weights else gradients)
         return weights, raw
 
 
@@ -712,7 +895,7 @@ class LayerCAM(_ElementWise):
     """
 
     rule = "layercam"
-    reported = staticmethod(lambda g: np.maximum(g, 0))
+    positive_weights = True
 
 
 class GradCAMElementWise(_ElementWise):
@@ -729,9 +912,15 @@ class EigenCAM(CAM):
     the backend still computes them today.
     """
 
+    native_algebra = True
+
     def channel_weights(self, layer_gradients: LayerGradients) -> np.ndarray:
-        axis = algebra.principal_axis(layer_gradients.activations)
+        activations = layer_gradients.activations
+        axis = _ops(activations).principal_axis(activations)
         n, t = layer_gradients.scores.shape
+        if not isinstance(axis, np.ndarray):
+            ns = xp.namespace(axis)
+            return ns.asarray(ns.broadcast_to(axis[:, None, :], (n, t, axis.shape[1])), copy=True)
         return np.broadcast_to(axis[:, None], (n, t, axis.shape[1])).copy()
 
 
@@ -740,7 +929,8 @@ class FusedResult:
     """Several layers' maps fused into one (see :class:`MultiLayerCAM`).
 
     Attributes:
-        maps: ``(N, T, *S_out)`` float32 fused maps.
+        maps: ``(N, T, *S_out)`` float32 fused maps: NumPy, or the framework's own array on
+            the model's device for ``algebra="native"`` (as :class:`CAMResult`).
         layers: each layer's own :class:`CAMResult`, by layer name, in the order given.
         scores: ``(N, T)`` the target scores (the same at every layer).
         targets: ``(N, T)`` class ids, or ``None`` for a callable target.
@@ -816,7 +1006,15 @@ class MultiLayerCAM:
         for explainer in self.explainers[1:]:
             result = explainer(inputs, targets, size=size, normalize=True, **call)
             results[result.layer] = result
-        stacked = np.stack([result.maps for result in results.values()])
+        maps = [result.maps for result in results.values()]
+        if not isinstance(maps[0], np.ndarray):  # native: fuse on the device
+            ns = xp.namespace(*maps)
+            stacked = ns.stack(maps)
+            fused = ns.mean(stacked, axis=0) if self.combine == "mean" else ns.max(stacked, axis=0)
+            if normalize:
+                fused = xp.normalize(fused, fused.ndim - 2)
+            return FusedResult(fused, results, first.scores, first.targets, self.combine)
+        stacked = np.stack(maps)
         fused = stacked.mean(axis=0) if self.combine == "mean" else stacked.max(axis=0)
         if normalize:
             fused = algebra.normalize(fused, fused.ndim - 2)

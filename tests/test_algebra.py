@@ -11,6 +11,7 @@ from hypothesis.extra import numpy as hnp
 from multicam import algebra
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+HUGE = float(np.float32(1e30))
 
 
 @st.composite
@@ -160,3 +161,93 @@ def test_resize_matches_jax_when_upsampling(data: st.DataObject) -> None:
         np.testing.assert_allclose(
             actual, np.asarray(expected), atol=1e-5 * (1 + np.abs(maps).max()), err_msg=method
         )
+
+
+# --- the fast paths of the NumPy stage: same numbers as the plain definitions ---------------
+
+
+@st.composite
+def channels_last_arrays(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """Activations and gradients in channels-last memory, seen channels-first (Keras, Flax)."""
+    activations, gradients = draw(layer_arrays())
+    as_last_a = np.ascontiguousarray(np.moveaxis(activations, 1, -1))
+    as_last_g = np.ascontiguousarray(np.moveaxis(gradients, 2, -1))
+    return np.moveaxis(as_last_a, -1, 1), np.moveaxis(as_last_g, -1, 2)
+
+
+@given(channels_last_arrays())
+def test_strided_layouts_give_the_contiguous_results(
+    arrays: tuple[np.ndarray, np.ndarray],
+) -> None:
+    activations, gradients = arrays
+    weights = algebra.channel_weights(gradients)
+    contiguous = algebra.channel_weights(np.ascontiguousarray(gradients))
+    spatial_axes = tuple(range(3, gradients.ndim))
+    exact = gradients.astype(np.float64).mean(axis=spatial_axes)
+    scale = 1 + np.abs(gradients).max()
+    assert weights.dtype == np.float32 and weights.shape == gradients.shape[:3]
+    np.testing.assert_allclose(weights, exact, rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(weights, contiguous, rtol=1e-5, atol=1e-6 * scale)
+    summed = algebra.weighted_sum(activations, weights)
+    expected = algebra.weighted_sum(np.ascontiguousarray(activations), weights)
+    assert summed.dtype == np.float32 and summed.flags.c_contiguous
+    np.testing.assert_allclose(
+        summed, expected, rtol=1e-5, atol=1e-5 * (1 + np.abs(expected).max())
+    )
+
+
+def test_channel_weights_are_accurate_on_large_maps() -> None:
+    rng = np.random.default_rng(0)
+    gradients = rng.standard_normal((2, 3, 8, 56, 56)).astype(np.float32) + 10
+    exact = gradients.astype(np.float64).mean(axis=(3, 4))
+    strided = np.moveaxis(np.ascontiguousarray(np.moveaxis(gradients, 2, -1)), -1, 2)
+    for grads in (gradients, strided):
+        np.testing.assert_allclose(algebra.channel_weights(grads), exact, rtol=1e-6)
+
+
+@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=3, max_dims=5), elements=finite))
+def test_normalize_in_place_equals_a_new_array(maps: np.ndarray) -> None:
+    spatial = maps.ndim - 2
+    fresh = algebra.normalize(maps, spatial)
+    copy = maps.copy()
+    in_place = algebra.normalize(copy, spatial, out=copy)
+    assert in_place is copy
+    np.testing.assert_array_equal(in_place, fresh)
+
+
+@settings(max_examples=200)
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=3, max_dims=4, min_side=1, max_side=6),
+        elements=st.floats(-HUGE, HUGE, allow_nan=False, width=32),
+    )
+)
+def test_normalize_needs_no_clip(maps: np.ndarray) -> None:
+    """Every quotient lies in [0, 1] and the maximum of a wide map is exactly 1."""
+    spatial = maps.ndim - 2
+    out = algebra.normalize(maps, spatial)
+    assert (out >= 0).all() and (out <= 1).all()
+    flat = maps.reshape(*maps.shape[:2], -1).astype(np.float64)
+    span, top = np.ptp(flat, axis=-1), np.abs(flat).max(axis=-1)
+    wide = span > algebra.CONSTANT_RTOL * top
+    assert (out.reshape(*out.shape[:2], -1).max(axis=-1)[wide] == 1.0).all()
+
+
+@given(
+    st.integers(1, 3),
+    st.integers(1, 5),
+    st.lists(st.integers(1, 6), min_size=2, max_size=3),
+    st.sampled_from(["channels_first", "channels_last"]),
+)
+def test_layout_guess_reads_the_swapped_shape_without_moving_data(
+    n: int, k: int, spatial: list[int], native: str
+) -> None:
+    from multicam.backends.base import LayerGradients
+    from multicam.cam import _swapped_shape, swap_layout
+
+    activations = np.zeros((n, k, *spatial), np.float32)
+    gradients = np.zeros((n, 1, k, *spatial), np.float32)
+    layer = LayerGradients(activations, gradients, np.zeros((n, 1), np.float32), None, None)
+    moved = swap_layout(layer, native).activations.shape
+    assert _swapped_shape(activations.shape, native) == moved

@@ -1,8 +1,9 @@
 """JAX/Flax backend: layer activations, their gradients and the target scores.
 
 Its one job is to return, as NumPy arrays, the activations of one layer of a JAX model,
-the gradients of the target scores with respect to them, and the scores. Three kinds of
-model:
+the gradients of the target scores with respect to them, and the scores (or, for
+``algebra="native"``, :meth:`JaxBoundModel.native_gradients`: the same as float32 JAX
+arrays on their device, for :mod:`multicam.xp`). Three kinds of model:
 
 - a Flax linen module with its ``variables=``; the layer is a module path such as
   ``"features/conv3"`` (that submodule's ``__call__`` output, caught with
@@ -64,6 +65,7 @@ from ..errors import (
     nearest_names,
 )
 from ..targets import Region, Targets, select_output
+from ..xp import make_layer_gradients as native_layer_gradients
 from .base import (
     Backend,
     BoundModel,
@@ -254,6 +256,32 @@ class JaxBoundModel(BoundModel):
         )
 
     def gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        return self._gradients(inputs, targets, native=False)
+
+    def native_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """:meth:`gradients` as float32 ``jax.Array`` on the computation's device.
+
+        The native path (``algebra="native"``): only finiteness flags (and, for the
+        predicted class, the ``(N, C)`` outputs) go to the host; ``targets`` stays NumPy.
+        """
+        return self._gradients(inputs, targets, native=True)
+
+    def on_accelerator(self, inputs: Any = None) -> bool:
+        """Whether the model's arrays (or else the input, or JAX's default) are off the CPU."""
+        leaves = [
+            leaf
+            for leaf in jax.tree_util.tree_leaves(self._arguments()[0])
+            if isinstance(leaf, jax.Array)
+        ]
+        if leaves:
+            platforms = {device.platform for device in leaves[0].devices()}
+        elif isinstance(inputs, jax.Array):
+            platforms = {device.platform for device in inputs.devices()}
+        else:
+            platforms = {jax.default_backend()}
+        return platforms != {"cpu"}
+
+    def _gradients(self, inputs: Any, targets: Targets, *, native: bool) -> LayerGradients:
         x = self._prepare(inputs)
         classes, score_fn = _target_arguments(targets)
         masks = None
@@ -290,7 +318,7 @@ class JaxBoundModel(BoundModel):
             class_ids = targets.class_ids(tuple(outputs.shape))  # validates the range
         elif class_ids is not None:
             class_ids = np.asarray(class_ids, dtype=np.int64)
-        return make_layer_gradients(
+        return (native_layer_gradients if native else make_layer_gradients)(
             activations,
             grads,
             scores,

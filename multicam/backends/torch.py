@@ -8,6 +8,11 @@ leaf tensor, so autograd records nothing below the layer (the forward up to it r
 multicam reports. All T targets share one forward pass and one batched vector-Jacobian
 product (``is_grads_batched``).
 
+Where the arrays go: :meth:`TorchBoundModel.gradients` hands them to the host as NumPy
+(``.cpu().numpy()``, the default path); :meth:`TorchBoundModel.native_gradients`
+(``algebra="native"``) keeps them as float32 tensors on the model's device, checked there
+(:func:`multicam.xp.make_layer_gradients`), for the algebra of :mod:`multicam.xp`.
+
 Training mode: multicam explains the model as it predicts. Every forward it runs uses
 inference mode: modules the user left in training mode are switched to eval for the call
 (their ``training`` flag set directly, one module at a time) and restored afterwards, also
@@ -54,6 +59,7 @@ from ..errors import (
     nearest_names,
 )
 from ..targets import Targets, select_output
+from ..xp import make_layer_gradients as native_layer_gradients
 from .base import (
     Backend,
     BoundModel,
@@ -132,7 +138,7 @@ class TorchBoundModel(BoundModel):
         self.model = model
         self.layer_name, self.layer = _resolve_layer(model, layer)
 
-    def _as_tensor(self, inputs: Any) -> torch.Tensor:
+    def _as_tensor(self, inputs: Any, native: bool = False) -> torch.Tensor:
         if isinstance(inputs, torch.Tensor):
             tensor = inputs
         else:
@@ -149,7 +155,12 @@ class TorchBoundModel(BoundModel):
                 f"the input has shape {tuple(tensor.shape)}; pass a batch (N, C, *spatial), "
                 "e.g. x[None] for a single sample."
             )
-        if tensor.is_floating_point():
+        if native and tensor.is_floating_point():
+            # On the device: a finite sum means every value is finite; only otherwise is the
+            # input copied to the host, for the NumPy path's message.
+            if not bool(torch.isfinite(tensor.detach().sum(dtype=torch.float32))):
+                check_finite_input(tensor.detach().float().cpu().numpy())
+        elif tensor.is_floating_point():
             check_finite_input(tensor.detach().float().cpu().numpy())
         return tensor
 
@@ -213,7 +224,30 @@ class TorchBoundModel(BoundModel):
             # again with every saved tensor copied when it is saved.
             return self._gradients(x, targets, keep_saved=True)
 
-    def _gradients(self, x: torch.Tensor, targets: Targets, *, keep_saved: bool) -> LayerGradients:
+    def native_gradients(self, inputs: Any, targets: Targets) -> LayerGradients:
+        """:meth:`gradients` as float32 ``torch.Tensor`` on the model's device.
+
+        The native path (``algebra="native"``): only finiteness flags (and, for the
+        predicted class, the ``(N, C)`` outputs) go to the host; ``targets`` stays NumPy.
+        """
+        x = self._as_tensor(inputs, native=True)
+        try:
+            return self._gradients(x, targets, keep_saved=False, native=True)
+        except _SavedTensorModified:
+            return self._gradients(x, targets, keep_saved=True, native=True)
+
+    def on_accelerator(self, inputs: Any = None) -> bool:
+        """Whether the model's parameters (or buffers, or else the input) are off the CPU."""
+        reference: torch.Tensor | None = next(self.model.parameters(), None)
+        if reference is None:
+            reference = next(self.model.buffers(), None)
+        if reference is None and isinstance(inputs, torch.Tensor):
+            reference = inputs
+        return reference is not None and reference.device.type not in ("cpu", "meta")
+
+    def _gradients(
+        self, x: torch.Tensor, targets: Targets, *, keep_saved: bool, native: bool = False
+    ) -> LayerGradients:
         captured: list[tuple[torch.Tensor, int]] = []
 
         owner = threading.get_ident()
@@ -280,6 +314,18 @@ class TorchBoundModel(BoundModel):
                     "layer on the path from the input to the output."
                 )
             grads = _batched_vjp(scores, activations, keep_saved=keep_saved)
+        if native:
+            return native_layer_gradients(
+                activations.detach(),
+                grads.detach(),
+                scores.detach(),
+                classes,
+                layout=self.layout,
+                input_shape=tuple(x.shape),
+                layer_name=self.layer_name,
+                outputs=outputs.detach(),
+                training=training,
+            )
         return make_layer_gradients(
             activations.detach().float().cpu().numpy(),
             grads.detach().float().cpu().numpy(),
