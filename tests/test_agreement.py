@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multicam import zoo
-from multicam.testing import assert_results_agree, check_against_oracle
+from multicam.testing import assert_results_agree, check_against_oracle, relu_kinks
 from multicam.zoo import numpy as zoo_numpy
 
 ARCHS = sorted(zoo.ARCHITECTURES)
@@ -89,6 +89,8 @@ def test_every_backend_agrees_with_the_oracle_and_every_other(case: dict) -> Non
     weights = zoo.init_weights(case["arch"], case["seed"])
     for result in results.values():
         check_against_oracle(result, case["arch"], weights, inputs, case["layer"])
+    if relu_kinks(case["arch"], weights, inputs, case["layer"]):
+        return  # float32 round-off picks a kink's side per framework; the oracle took both
     assert_results_agree(results)
 
 

@@ -44,14 +44,33 @@ def _conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, layer: Conv) -> n
     return out + bias
 
 
+def _relu(
+    x: np.ndarray,
+    name: str,
+    gates: dict[str, np.ndarray],
+    pre_relu: dict[str, np.ndarray] | None,
+) -> np.ndarray:
+    """ReLU of ``x``, with units whose ``gates[name]`` is 0 or 1 forced closed or open."""
+    if pre_relu is not None:
+        pre_relu[name] = x
+    out = np.maximum(x, 0.0)
+    if name in gates:
+        gate = np.asarray(gates[name], np.float64)
+        out = np.where(np.isnan(gate), out, np.nan_to_num(gate) * x)
+    return out
+
+
 def _apply(
     layers: tuple[Layer, ...],
     x: np.ndarray,
-    weights: dict[str, np.ndarray],
     prefix: str,
+    weights: dict[str, np.ndarray],
     record: dict[str, np.ndarray],
     replace: dict[str, np.ndarray],
+    gates: dict[str, np.ndarray],
+    pre_relu: dict[str, np.ndarray] | None,
 ) -> np.ndarray:
+    args = (weights, record, replace, gates, pre_relu)
     for layer in layers:
         name = prefix + layer.name
         w = {
@@ -66,7 +85,7 @@ def _apply(
         elif isinstance(layer, BatchNorm):
             x = (x - w["mean"]) / np.sqrt(w["var"] + BN_EPS) * w["scale"] + w["bias"]
         elif isinstance(layer, ReLU):
-            x = np.maximum(x, 0.0)
+            x = _relu(x, name, gates, pre_relu)
         elif isinstance(layer, Flatten):
             x = x.reshape(x.shape[0], -1)
         elif isinstance(layer, GlobalAvgPool):
@@ -74,12 +93,10 @@ def _apply(
         elif isinstance(layer, Dropout):
             pass
         elif isinstance(layer, Stage):
-            x = _apply(layer.layers, x, weights, name + ".", record, replace)
+            x = _apply(layer.layers, x, name + ".", *args)
         elif isinstance(layer, Residual):
-            body = _apply(layer.body, x, weights, name + ".", record, replace)
-            x = np.maximum(
-                body + _apply(layer.shortcut, x, weights, name + ".", record, replace), 0.0
-            )
+            body = _apply(layer.body, x, name + ".", *args)
+            x = _relu(body + _apply(layer.shortcut, x, name + ".", *args), name, gates, pre_relu)
         else:
             raise TypeError(f"unknown layer {layer!r}")
         if name in replace:
@@ -93,6 +110,9 @@ def forward(
     weights: dict[str, np.ndarray],
     inputs: np.ndarray,
     replace: dict[str, np.ndarray] | None = None,
+    *,
+    gates: dict[str, np.ndarray] | None = None,
+    pre_relu: dict[str, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Run ``arch`` on channels-last ``inputs`` in float64.
 
@@ -102,6 +122,11 @@ def forward(
         inputs: ``(N, *S, C)``.
         replace: ``{layer_name: output}`` channels-last outputs that replace what those
             layers compute, to evaluate the network from a layer on (finite differences).
+        gates: ``{relu_name: gate}`` arrays shaped like that ReLU's output: NaN where the
+            ReLU decides, 0 to force a unit closed (output 0), 1 to force it open (output =
+            input). A residual block's own ReLU is named after the block. Used to evaluate
+            the other side of a kink that float32 round-off may put a backend on.
+        pre_relu: a dict to fill with every ReLU's input ``{relu_name: pre-activation}``.
 
     Returns:
         ``(logits, outputs)``: logits ``(N, C)`` and every layer's channels-last output
@@ -111,10 +136,12 @@ def forward(
     logits = _apply(
         _architecture(arch).layers,
         np.asarray(inputs, np.float64),
-        weights,
         "",
+        weights,
         record,
         replace or {},
+        gates or {},
+        pre_relu,
     )
     return logits, record
 
