@@ -54,7 +54,7 @@ def run(
     frameworks: Sequence[str] | None = None,
     digits: Sequence[int] = (4, 5, 8, 9),
     repeats: int = 3,
-    stream: TextIO = sys.stdout,
+    stream: TextIO | None = None,
 ) -> dict[str, CAMResult]:
     """Run the demo and write the PNG to ``out``.
 
@@ -63,7 +63,7 @@ def run(
         frameworks: subset of :data:`multicam.zoo.FRAMEWORKS`; default: all installed.
         digits: which example digits (0-9) to explain.
         repeats: timed calls per backend after one warm-up call; the best is reported.
-        stream: where to print.
+        stream: where to print; default: ``sys.stdout`` at the time of the call.
 
     Returns:
         The result of each framework.
@@ -71,7 +71,7 @@ def run(
     from ..cli import AGREEMENT_HEADER, agreement_table, format_table, timed
 
     def say(text: str = "", end: str = "\n") -> None:
-        print(text, file=stream, flush=True, end=end)
+        print(text, file=stream or sys.stdout, flush=True, end=end)
 
     frameworks = list(frameworks or zoo.installed_frameworks())
     if "torch" in frameworks:
