@@ -46,7 +46,7 @@ def tests(session: nox.Session) -> None:
     against, and the ``viz`` extra, so the demo runs end to end and writes its PNG. Extra
     pytest arguments pass through: ``nox -s tests -- -k algebra``.
     """
-    _install(session, list(FRAMEWORKS), extras="test,peers,viz")
+    _install(session, list(FRAMEWORKS), extras="test,peers,viz,zarr,ray")
     session.run(
         "pytest",
         *session.posargs,
