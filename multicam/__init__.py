@@ -26,6 +26,7 @@ from .cam import (
     TokenGrid,
     XGradCAM,
 )
+from .dataset import DatasetResult, explain_dataset
 from .errors import (
     BackendError,
     BackendNotInstalledError,
@@ -102,12 +103,14 @@ __all__ = [
     "Targets",
     "TokenGrid",
     "UnsupportedModelError",
+    "DatasetResult",
     "Evaluation",
     "EvaluationRow",
     "__version__",
     "algebra",
     "errors",
     "evaluate",
+    "explain_dataset",
     "metrics",
     "zoo",
 ]

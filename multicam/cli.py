@@ -732,13 +732,22 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     from .evaluate import add_cli_parser as add_evaluate_parser
 
     evaluate = add_evaluate_parser(commands, parents=[common])
+    from . import dataset
+
+    explain_dataset = dataset.add_cli_parser(commands, parents=[common])
 
     commands.add_parser(
         "bench",
         help="backend speed side by side: floors, many targets, peers (multicam bench --help)",
         add_help=False,
     )
-    return parser, {"demo": demo, "compare": cmp, "explain": exp, "evaluate": evaluate}
+    return parser, {
+        "demo": demo,
+        "compare": cmp,
+        "explain": exp,
+        "evaluate": evaluate,
+        "explain-dataset": explain_dataset,
+    }
 
 
 def _one_line(exc: BaseException) -> str:
@@ -782,6 +791,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             _preload(frameworks, debug)
             archs = list(zoo.ARCHITECTURES) if args.arch == "all" else [args.arch]
             return 0 if compare(archs, frameworks, args.batch, args.seed, args.repeats) else 1
+        if args.command == "explain-dataset":
+            from . import dataset
+
+            return dataset.run_cli(args)
         if args.command == "evaluate":
             from .evaluate import run_cli as run_evaluate
 

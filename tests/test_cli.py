@@ -196,3 +196,33 @@ def test_evaluate_command_is_wired(tmp_path, capsys) -> None:  # type: ignore[no
     assert code == 0 and out.exists()
     printed = capsys.readouterr().out
     assert "recommended:" in printed and "HiResCAM" in printed
+
+
+def test_explain_dataset_command_is_wired(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    require("torch")
+    pytest.importorskip("zarr")
+    factory = tmp_path / "factory_mod.py"
+    factory.write_text(
+        "from multicam import demo, zoo\n\n"
+        "def make():\n"
+        "    return zoo.build('digits_cnn', 'torch', demo.load()[0])\n"
+    )
+    from multicam import demo
+
+    images = np.moveaxis(demo.load()[1][:5], -1, 1).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    argv = [
+        "explain-dataset",
+        f"{factory}:make",
+        str(tmp_path / "x.npy"),
+        str(tmp_path / "cams.zarr"),
+        "--layer",
+        "features.relu3",
+        "--batch-size",
+        "2",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    assert "5 explained now" in capsys.readouterr().out
+    assert main(argv) == 0
+    assert "0 explained now, 5 already done" in capsys.readouterr().out
