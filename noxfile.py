@@ -17,9 +17,10 @@ nox.options.reuse_existing_virtualenvs = True
 
 CONSTRAINTS = ("-c", "constraints-cpu.txt")
 FRAMEWORKS = {
-    "torch": ["torch"],
+    # array-api-compat: the torch and jax extras' algebra="native" path.
+    "torch": ["torch", "array-api-compat"],
     "tensorflow": ["tensorflow-cpu", "keras"],
-    "jax": ["jax", "flax"],
+    "jax": ["jax", "flax", "array-api-compat"],
 }
 
 
