@@ -16,6 +16,8 @@ import numpy as np
 
 from ..backends import BoundModel
 from ..errors import BackendError, InputError, OptionError, TargetError
+from ..perturbation import _as_numpy as as_array
+from ..perturbation import _check_batch_size as check_batch_size
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",
@@ -30,32 +32,6 @@ __all__ = [
 
 #: Perturbed inputs in one forward pass when neither the call nor the explainer says.
 DEFAULT_BATCH_SIZE = 64
-
-
-def check_batch_size(batch_size: Any) -> int:
-    """``batch_size`` as a positive int, or :class:`OptionError`."""
-    if (
-        isinstance(batch_size, bool | np.bool_)
-        or not isinstance(batch_size, int | np.integer)
-        or batch_size < 1
-    ):
-        raise OptionError(f"batch_size={batch_size!r}: expected a positive int.")
-    return int(batch_size)
-
-
-def as_array(inputs: Any) -> np.ndarray:
-    """The input batch as a floating-point NumPy array, whatever framework tensor it is."""
-    if hasattr(inputs, "detach"):  # torch
-        inputs = inputs.detach().cpu().numpy()
-    elif hasattr(inputs, "numpy") and callable(inputs.numpy):  # tf.Tensor
-        inputs = inputs.numpy()
-    try:
-        array = np.asarray(inputs)
-    except (TypeError, ValueError) as exc:
-        raise InputError("the input could not be read as one array; pass (N, ...).") from exc
-    if array.dtype.kind not in "biuf":
-        raise InputError(f"the input has dtype {array.dtype}; pass numbers.")
-    return array if array.dtype.kind == "f" else array.astype(np.float32)
 
 
 def softmax(values: np.ndarray, axis: int = -1) -> np.ndarray:
