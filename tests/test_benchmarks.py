@@ -42,6 +42,8 @@ def test_tiny_configuration_runs(framework: str, tmp_path) -> None:
         (1, "floor", "floor"),
         (1, "multicam", "multicam"),
         (2, "multicam", "multicam"),
+        (2, "multicam-T1", "multicam-extra"),  # one target in the same rounds as T=2
+        (1, "multicam-backend", "multicam-extra"),  # the backend without the NumPy stage
         (2, "floor-loop", "floor") if framework != "flax" else (2, "floor", "floor"),
     } <= contenders
     assert all(t["best"] > 0 for t in result["timings"])

@@ -18,7 +18,7 @@ import numpy as np
 
 from .nets import architecture, split
 
-__all__ = ["Contenders", "available_frameworks", "make"]
+__all__ = ["Contenders", "available_frameworks", "backend_only", "make"]
 
 #: Benchmark framework -> the packages it needs; ``flax-nojit`` is ``flax`` without jit.
 NEEDS = {"torch": ("torch",), "keras": ("tensorflow", "keras"), "flax": ("jax", "flax")}
@@ -53,6 +53,19 @@ class Contenders:
     def explain(self, x: np.ndarray, classes: np.ndarray) -> Any:
         """One multicam call (the no-retrace check calls it with other classes)."""
         raise NotImplementedError
+
+
+def backend_only(explainer: Any, inputs: Any, classes: np.ndarray) -> Callable[[], Any]:
+    """The backend alone, ``bound.gradients``: multicam without its NumPy stage.
+
+    The ``multicam-backend`` contender: what the backend adds to the floor (input checks,
+    the arrays' hand-back and their validation), apart from pooling, weighting, resizing
+    and normalising the maps.
+    """
+    from ..targets import Targets
+
+    targets = Targets.parse(classes, int(classes.shape[0]))
+    return lambda: explainer.bound.gradients(inputs, targets)
 
 
 def available_frameworks() -> list[str]:

@@ -3,7 +3,9 @@
 - ``forward``: ``jax.jit(module.apply)``;
 - ``floor`` (the denominator): in one ``jax.jit``, the features half, then ``jax.vjp`` of
   the head and ``jax.vmap`` of the VJP over the T one-hot cotangents;
-- ``multicam``: ``GradCAM(module, layer, variables=...)(x, targets=classes)``.
+- ``multicam``: ``GradCAM(module, layer, variables=...)(x, targets=classes)``;
+  ``multicam-backend`` (beside it): the backend's ``gradients`` alone, without the NumPy
+  stage.
 
 As framework ``flax-nojit`` every contender runs under ``jax.disable_jit()`` (a debugging
 mode; kept to show what jit buys). Results are made concrete (``block_until_ready``) and the
@@ -18,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import zoo
-from .contenders import Case, Contenders
+from .contenders import Case, Contenders, backend_only
 
 __all__ = ["CONTENDERS", "FlaxContenders"]
 
@@ -88,6 +90,10 @@ class FlaxContenders(Contenders):
             "multicam": (
                 "multicam",
                 wrap(lambda: self.explainer(x, targets=classes, warn=False)),
+            ),
+            "multicam-backend": (
+                "multicam-extra",
+                wrap(backend_only(self.explainer, x, classes)),
             ),
         }
 

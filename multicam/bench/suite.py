@@ -1,9 +1,10 @@
 """The run: every network, framework, batch size N and number of targets T; the command.
 
 For each case the framework's contenders (:mod:`.torch`, :mod:`.tensorflow`, :mod:`.jax`)
-are timed side by side (:func:`~multicam.bench.timing.time_interleaved`); then, where
-multicam compiles (TensorFlow, JAX), one more call with other classes at the same shapes
-counts the traces it adds (it must add none).
+are timed side by side (:func:`~multicam.bench.timing.time_interleaved`), with, for T > 1,
+multicam on the first target alone (``multicam-T1``), so that T targets over one target is
+a ratio of the same rounds; then, where multicam compiles (TensorFlow, JAX), one more call
+with other classes at the same shapes counts the traces it adds (it must add none).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import importlib.util
 import os
@@ -128,6 +130,12 @@ def run(
                             continue
                         ids = classes(n, t, spec.num_classes)
                         case = contenders.case(x, ids, peers and t <= peer_targets)
+                        if t > 1:  # T targets over one target, timed in the same rounds
+                            first = ids[:, :1].copy()
+                            case["multicam-T1"] = (
+                                "multicam-extra",
+                                functools.partial(contenders.explain, x, first),
+                            )
                         failed: dict[str, str] = {}
                         times, warmup = time_interleaved(
                             {name: fn for name, (_, fn) in case.items()}, repeats, failures=failed

@@ -8,7 +8,8 @@
   the faster of the two counts. This is the form a Keras user writes for speed;
 - ``floor-eager``, ``floor-eager-loop`` (beside it): the same without ``tf.function``;
 - ``multicam``: ``GradCAM(model, layer)(x, targets=classes)`` (the compiled path);
-  ``multicam-eager`` (beside it): with ``compile=False``;
+  beside it ``multicam-eager`` (``compile=False``) and ``multicam-backend`` (the backend's
+  ``gradients`` alone, without the NumPy stage);
 - peers: the keras.io Grad-CAM recipe (eager, one class per call, as written there) and
   tf-keras-vis ``Gradcam`` where it can rebuild the model.
 
@@ -23,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import zoo
-from .contenders import Case, Contenders
+from .contenders import Case, Contenders, backend_only
 
 __all__ = ["CONTENDERS", "KerasContenders"]
 
@@ -95,6 +96,7 @@ class KerasContenders(Contenders):
             "floor": ("floor", numpy(self._floors[True])),
             "floor-eager": ("floor-extra", numpy(eager_floors[True])),
             "multicam": ("multicam", lambda: self.explainer(x, targets=classes, warn=False)),
+            "multicam-backend": ("multicam-extra", backend_only(self.explainer, x, classes)),
             "multicam-eager": (
                 "multicam-extra",
                 lambda: self.eager_explainer(x, targets=classes, warn=False),

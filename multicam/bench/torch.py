@@ -6,9 +6,11 @@
   ``floor-loop``: the same with one backward per target; the faster of the two counts.
   Eager torch is PyTorch's usual fastest hand-written form on CPU;
 - ``floor-compiled`` (reported beside it, ``--torch-compile ARCHS``): both halves through
-  ``torch.compile`` (inductor, which needs a C++ compiler), one backward per target;
-  compilation is the warm-up;
-- ``multicam``: ``GradCAM(model, layer)(x, targets=classes)``;
+  ``torch.compile`` (inductor, which needs a C++ compiler), one backward per target, the
+  head run again for each (a compiled backward cannot be retained; the head is a pooling
+  and a matrix product); compilation is the warm-up;
+- ``multicam``: ``GradCAM(model, layer)(x, targets=classes)``; ``multicam-backend``
+  (beside it): the backend's ``gradients`` alone, without the NumPy stage;
 - peers where importable: Captum ``LayerGradCam`` + ``interpolate``, pytorch-grad-cam
   ``GradCAM``, torchcam ``GradCAM``, one call per target class.
 """
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from .. import zoo
-from .contenders import Case, Contenders
+from .contenders import Case, Contenders, backend_only
 
 __all__ = ["CONTENDERS", "TorchContenders"]
 
@@ -67,7 +69,7 @@ class TorchContenders(Contenders):
             with torch.inference_mode():
                 return self.model(xt)
 
-        def floor(features: Any, head: Any, batched: bool) -> Callable[[], Any]:
+        def floor(features: Any, head: Any, batched: bool | None) -> Callable[[], Any]:
             def run() -> Any:
                 with torch.no_grad():
                     a = features(xt)
@@ -76,6 +78,12 @@ class TorchContenders(Contenders):
                     scores = head(a).gather(1, index)
                     if t == 1:
                         grads = torch.autograd.grad(scores.sum(), a)[0][:, None]
+                    elif batched is None:  # compiled backward graphs cannot be retained
+                        rows = [torch.autograd.grad(scores[:, 0].sum(), a)[0]]
+                        for i in range(1, t):
+                            column = head(a).gather(1, index[:, i : i + 1]).sum()
+                            rows.append(torch.autograd.grad(column, a)[0])
+                        grads = torch.stack(rows, 1)
                     elif batched:
                         grads = torch.autograd.grad(
                             scores, a, grad_outputs=eye, is_grads_batched=True
@@ -96,13 +104,14 @@ class TorchContenders(Contenders):
             "forward": ("forward", forward),
             "floor": ("floor", floor(self.features, self.head, True)),
             "multicam": ("multicam", lambda: self.explainer(xt, targets=classes, warn=False)),
+            "multicam-backend": ("multicam-extra", backend_only(self.explainer, xt, classes)),
         }
         if t > 1:
             out["floor-loop"] = ("floor", floor(self.features, self.head, False))
         if self.compile_floor:
             if self._compiled is None:
                 self._compiled = (torch.compile(self.features), torch.compile(self.head))
-            out["floor-compiled"] = ("floor-extra", floor(*self._compiled, batched=False))
+            out["floor-compiled"] = ("floor-extra", floor(*self._compiled, batched=None))
         if peers:
             out.update(self._peer_contenders(xt, classes, tuple(x.shape[1:-1])))
         return out
