@@ -17,7 +17,7 @@ import numpy as np
 
 from .errors import TargetError
 
-__all__ = ["Region", "TargetLike", "Targets"]
+__all__ = ["Region", "TargetLike", "Targets", "rest_scores"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +62,11 @@ class Targets:
         regions: the :class:`Region` of each target column when ``kind == "region"``.
         output: which output of a multi-output model to explain (an index or a key), or
             ``None`` for a model with one output; see :meth:`select_output`.
+        score: what the class scores are: ``"output"`` (default), the model's outputs as
+            they are; ``"rest"``, the residual-softmax target of ShapleyCAM (Cai 2024),
+            ``2 z_c - logsumexp(z)`` over the ``(N, C)`` outputs ``z`` (the logit minus
+            the cross-entropy of class c), which backends compute from the outputs before
+            picking the classes (:func:`rest_scores` is the NumPy reference).
     """
 
     kind: Literal["classes", "predicted", "all", "score", "region"]
@@ -70,6 +75,7 @@ class Targets:
     score_fn: Callable[[Any], Any] | None = None
     regions: tuple[Region, ...] = ()
     output: int | str | None = None
+    score: Literal["output", "rest"] = "output"
 
     @classmethod
     def parse(
@@ -258,6 +264,22 @@ class Targets:
         See :func:`select_output`; the choice is this request's ``output``.
         """
         return select_output(outputs, self.output)
+
+
+def rest_scores(outputs: np.ndarray) -> np.ndarray:
+    """``(N, C)`` residual-softmax scores ``2 z - logsumexp(z)`` of ``(N, C)`` outputs ``z``.
+
+    The NumPy reference of ``Targets.score == "rest"``; its ranking of the classes is the
+    outputs' own (``rest_c - rest_j = 2 (z_c - z_j)``), so the predicted class is the same.
+    """
+    z = np.asarray(outputs, dtype=np.float64)
+    if z.ndim != 2:
+        raise TargetError(
+            f"score='rest' needs (N, C) class scores; the model's output has shape {z.shape}."
+        )
+    top = z.max(axis=1, keepdims=True)
+    logsumexp = top + np.log(np.exp(z - top).sum(axis=1, keepdims=True))
+    return (2 * z - logsumexp).astype(np.float32)
 
 
 def select_output(outputs: Any, output: int | str | None) -> Any:

@@ -45,6 +45,7 @@ __all__ = [
     "LayerGradients",
     "Layout",
     "Redraw",
+    "TensorGradients",
     "check_finite",
     "check_parameter_layers",
     "forward_error",
@@ -93,6 +94,41 @@ class LayerGradients:
     training: tuple[str, ...] = ()
     guided_relus: int | None = None
     unguided_activations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorGradients:
+    """Gradients of the target scores w.r.t. several tensors of one forward pass.
+
+    What :meth:`BoundModel.tensor_gradients` returns (FullGrad's bias gradients, LeGrad's
+    attention gradients). Unlike :class:`LayerGradients`, every tensor keeps the layout
+    the framework gives it (batch first): a convolution's output is ``(N, K, *S)`` in torch
+    and ``(N, *S, K)`` in Keras and Flax (see ``layout``); attention probabilities are
+    ``(N, heads, Q, K)`` everywhere.
+
+    Attributes:
+        tensors: by layer name, in the order asked for: the layer's output, or for an
+            attention layer its per-head attention probabilities; float32 NumPy.
+        gradients: by layer name: ``(N, T, *tensor.shape[1:])`` d score[n, t] / d tensor[n].
+        scores: ``(N, T)`` the differentiated target scores.
+        targets: ``(N, T)`` int64 class ids, or ``None`` for a callable target.
+        layout: where the channel axis of the input and of convolution outputs sits.
+        inputs: ``(N, ...)`` the input batch as float32 NumPy (native layout) when input
+            gradients were asked for, else ``None``.
+        input_gradients: ``(N, T, ...)`` d score / d input when asked for, else ``None``.
+        outputs: the model's outputs, e.g. ``(N, C)``, when the backend provides them.
+        training: as :attr:`LayerGradients.training`.
+    """
+
+    tensors: dict[str, np.ndarray]
+    gradients: dict[str, np.ndarray]
+    scores: np.ndarray
+    targets: np.ndarray | None
+    layout: Layout
+    inputs: np.ndarray | None = None
+    input_gradients: np.ndarray | None = None
+    outputs: np.ndarray | None = None
+    training: tuple[str, ...] = ()
 
 
 class BoundModel(abc.ABC):
@@ -196,6 +232,63 @@ class BoundModel(abc.ABC):
             LayerError: a name that is not in :meth:`parameter_layers`.
         """
         raise self._lacks("a randomised copy of its model (randomized)", "randomization_test")
+
+    def bias_layers(self) -> tuple[tuple[str, np.ndarray], ...]:
+        """The layers that add a bias per channel at every spatial position (FullGrad).
+
+        Convolutions of any rank with a bias, and batch normalisations, in the model's
+        order (as :meth:`parameter_layers`), each with its bias ``(K,)`` as float32 NumPy
+        (FullGrad keeps those whose output turns out to have spatial dims). A batch normalisation's bias is its effective bias
+        in inference mode, ``beta - mean * gamma / sqrt(var + eps)`` (``gamma = 1`` and
+        ``beta = 0`` where the layer has none), so that its output is ``scale * x + bias``.
+        Names are those :meth:`tensor_gradients` takes.
+        """
+        raise self._lacks("the biases of its layers (bias_layers)", "FullGrad")
+
+    def tensor_gradients(
+        self,
+        inputs: Any,
+        targets: Targets,
+        layers: Sequence[str],
+        *,
+        input_gradients: bool = False,
+    ) -> TensorGradients:
+        """Gradients of the target scores w.r.t. the tensors of several layers, in one pass.
+
+        One forward and one batched backward pass, in inference mode. The tensor of a
+        layer is its output, except for a framework's multi-head attention layer (torch
+        ``nn.MultiheadAttention``, Keras ``MultiHeadAttention``), whose tensor is its
+        per-head attention probabilities ``(N, heads, Q, K)`` (after the softmax, before
+        dropout). The model is unchanged afterwards (hooks removed, call options restored).
+
+        Args:
+            inputs: a batch in the backend's native layout, NumPy or a framework tensor.
+            targets: the parsed target request.
+            layers: layer names (as ``layer=`` takes them) or, for FullGrad, the names
+                from :meth:`bias_layers`; each must run exactly once per forward pass.
+            input_gradients: also return the input and d score / d input.
+
+        Raises:
+            LayerError: a layer that does not exist, does not run once, or on which the
+                scores do not depend.
+        """
+        raise self._lacks("gradients at several layers (tensor_gradients)", "FullGrad and LeGrad")
+
+    def hessian_vector_products(
+        self, inputs: Any, targets: Targets
+    ) -> tuple[LayerGradients, np.ndarray]:
+        """The gradients at the bound layer and the Hessian-vector products ``H a`` (ShapleyCAM).
+
+        For each target score ``s = score[n, t]`` and the layer's activations ``a = A[n]``,
+        ``H a`` is the Hessian of ``s`` w.r.t. ``a`` applied to ``a`` itself:
+        ``sum_j d2 s / (d a_i d a_j) * a_j``, i.e. the directional derivative of the
+        gradient along the activations (forward-over-reverse, or double backward).
+
+        Returns:
+            The :class:`LayerGradients` of :meth:`gradients` (channels-first) and ``(N, T,
+            K, *S)`` float32 Hessian-vector products in the same layout as its gradients.
+        """
+        raise self._lacks("Hessian-vector products (hessian_vector_products)", "ShapleyCAM")
 
     def _lacks(self, capability: str, method: str) -> BackendError:
         return BackendError(
