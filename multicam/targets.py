@@ -77,6 +77,16 @@ class Targets:
     output: int | str | None = None
     score: Literal["output", "rest"] = "output"
 
+    def __post_init__(self) -> None:
+        if self.score not in ("output", "rest"):
+            raise TargetError(f"score={self.score!r}: expected 'output' or 'rest'.")
+        if self.score == "rest" and self.kind in ("score", "region"):
+            raise TargetError(
+                "score='rest' is computed from (N, C) class scores; it applies to class "
+                "targets (None, ints, 'all'), not to "
+                f"{'a callable target' if self.kind == 'score' else 'Region targets'}."
+            )
+
     @classmethod
     def parse(
         cls, targets: TargetLike, batch_size: int, output: int | str | None = None
