@@ -43,6 +43,7 @@ from .cam import (
     GradCAM,
     GradCAMPlusPlus,
     MultiLayerCAM,
+    TokenGrid,
     _ElementWise,
     _Pass,
 )
@@ -57,12 +58,15 @@ __all__ = [
     "EigenGradCAM",
     "FEM",
     "FinerCAM",
+    "FullGrad",
     "ISCAM",
     "KPCACAM",
+    "LeGrad",
     "RandomCAM",
     "RefineCAM",
     "SESS",
     "SSCAM",
+    "ShapleyCAM",
     "SmoothGradCAMPlusPlus",
     "SobelCAM",
 ]
@@ -1358,3 +1362,318 @@ class RefineCAM(MultiLayerCAM):
         if normalize:
             product = algebra.normalize(product, product.ndim - 2)
         return dataclasses.replace(fused, maps=product)
+
+
+# --- Methods that need the optional second-order and multi-layer capabilities -----------
+
+
+def _input_spatial(x: np.ndarray, layout: str) -> tuple[int, ...] | None:
+    """The spatial dims of an input batch in ``layout``, or None for a flat input."""
+    if x.ndim < 3:
+        return None
+    return tuple(x.shape[2:] if layout == "channels_first" else x.shape[1:-1])
+
+
+def _channels_first(array: np.ndarray, layout: str, leading: int) -> np.ndarray:
+    """``array`` with its channel axis (last in ``channels_last``) at ``leading``."""
+    return array if layout == "channels_first" else np.moveaxis(array, -1, leading)
+
+
+def _rectified_channel_sum(
+    evidence: np.ndarray, size: Sequence[int], spatial_dims: int
+) -> np.ndarray:
+    """FullGrad's per-layer term: ``(N, T, K, *s)`` -> ``(N, T, *size)``.
+
+    Each channel's ``|evidence|`` min-max normalised on its own (a constant channel
+    becomes zeros), summed over the channels, then resized to ``size`` bilinearly: the
+    resize is linear, so summing first equals pytorch-grad-cam's resize-then-sum, once.
+    """
+    rectified = algebra.normalize(np.abs(evidence, dtype=np.float32), spatial_dims)
+    summed = rectified.sum(axis=2, dtype=np.float32)
+    if tuple(summed.shape[2:]) != tuple(size):
+        summed = algebra.resize(summed, size, "linear", align_corners=False)
+    return summed.astype(np.float32)
+
+
+class FullGrad(_MapMethod):
+    """FullGrad (Srinivas & Fleuret, NeurIPS 2019): input- and bias-gradients of every layer.
+
+    The full-gradient decomposition writes a ReLU network's output as the input-gradient
+    times the input plus, for every layer with a bias, the bias times the gradient at that
+    layer's output. The saliency map of target t sums, at the input's resolution,
+
+    - ``|x * d s_t / d x|``, each input channel min-max normalised, summed over channels;
+    - for every convolution with a bias and every batch normalisation (its effective
+      inference bias ``beta - mean gamma / sqrt(var + eps)``), ``|b_k * d s_t / d A_k|``,
+      each channel k min-max normalised at the layer's resolution, summed over channels,
+      resized bilinearly (``align_corners=False``) to the input's size.
+
+    ``res.maps`` is that sum min-max normalised; ``res.raw`` the sum; ``res.layer`` is
+    ``"input"``, ``res.activations`` the input (channels-first) and ``res.gradients`` its
+    gradients; ``res.weights`` zeros ``(N, T, C)``. Layers whose output has no spatial dims
+    (a batch norm after a dense layer) carry no map and are left out. One forward pass and
+    one backward pass to every bias layer and the input; needs the backend's optional
+    ``bias_layers`` and ``tensor_gradients`` capabilities (torch, Keras, Flax).
+
+    Args:
+        model: as for :class:`~multicam.cam.CAM`.
+        layer: not needed; ignored except to bind the backend (any layer works).
+        backend, output, **options: as for :class:`~multicam.cam.CAM`.
+
+    Peer: pytorch-grad-cam's ``FullGrad`` (``Conv2d`` and ``BatchNorm2d`` with a bias, the
+    same effective batch-norm bias, per-channel normalisation ``(x - min) / (max + 1e-7)``
+    before a cv2 resize). multicam takes convolutions of every rank, normalises
+    scale-free (:func:`multicam.algebra.normalize`) and sums each layer's channels before
+    one resize (equal, resizing being linear). On a linear model (no bias layers) the map
+    is ``|x * w_t|`` per channel, normalised and summed.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layer: Any = None,
+        *,
+        backend: str | Backend | None = None,
+        output: int | str | None = None,
+        **options: Any,
+    ) -> None:
+        from .guided import _bind
+
+        self.output = output
+        self.reshape = None
+        self.layer_layout = "auto"
+        self.algebra = "numpy"
+        self.bound = _bind(model, layer, backend, options, need_layer=False)
+
+    @property
+    def layer(self) -> str:
+        """``"input"``: FullGrad's map lives at the input's resolution."""
+        return "input"
+
+    def _signed(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool, native: bool = False
+    ) -> _Pass:
+        if eigen_smooth:
+            raise OptionError("FullGrad's map is not a weighted sum of channels: no eigen_smooth.")
+        biases = dict(self.bound.bias_layers())
+        found = self.bound.tensor_gradients(inputs, targets, list(biases), input_gradients=True)
+        assert found.inputs is not None and found.input_gradients is not None
+        layout = found.layout
+        x = _channels_first(found.inputs, layout, 1)
+        dx = _channels_first(found.input_gradients, layout, 2)
+        size = tuple(x.shape[2:])
+        spatial_dims = len(size)
+        if spatial_dims == 0:
+            raise InputError(
+                f"FullGrad maps the input's spatial dims; the input has shape {x.shape}."
+            )
+        raw = _rectified_channel_sum(x[:, None] * dx, size, spatial_dims)
+        for name, tensor in found.tensors.items():
+            if tensor.ndim < 3:
+                continue  # no spatial dims: no map (a batch norm after a dense layer)
+            gradients = _channels_first(found.gradients[name], layout, 2)
+            shape = (1, 1, -1) + (1,) * (tensor.ndim - 2)
+            bias = biases[name].reshape(shape)
+            if gradients.shape[2] != biases[name].shape[0]:
+                raise InputError(
+                    f"layer {name!r} has {biases[name].shape[0]} biases but its output "
+                    f"{tensor.shape} has {gradients.shape[2]} channels in the "
+                    f"{layout.replace('_', '-')} layout."
+                )
+            raw += _rectified_channel_sum(bias * gradients, size, spatial_dims)
+        layer_gradients = LayerGradients(
+            activations=x.astype(np.float32),
+            gradients=dx.astype(np.float32),
+            scores=found.scores,
+            targets=found.targets,
+            input_spatial_shape=size,
+            outputs=found.outputs,
+            training=found.training,
+        )
+        weights = _no_channel_weights(layer_gradients)
+        return _Pass(layer_gradients, weights, raw, "channels_first")
+
+
+class ShapleyCAM(CAM):
+    """ShapleyCAM (Cai, "CAMs as Shapley value-based explainers", arXiv 2501.06261).
+
+    Grad-CAM's channel weights are a first-order estimate of each channel's Shapley value;
+    ShapleyCAM adds the second-order term: with ``g = d s / d A`` and the Hessian-vector
+    product ``H A = (d^2 s / d A^2) A``, the weight of channel k is the spatial mean of
+    ``g - H A / 2`` over channel k, and the map is the weighted sum of the activation maps,
+    as Grad-CAM's. Where the score is piecewise linear in the layer (logits behind ReLUs,
+    max-pooling and dense layers) ``H A`` vanishes and ShapleyCAM is Grad-CAM; the paper
+    differentiates the residual-softmax target ReST, ``2 z_c - logsumexp(z)`` (the logit
+    minus the cross-entropy), which is curved, and so does multicam by default.
+
+    Args:
+        model, layer, backend, output, reshape, layer_layout, **options: as for
+            :class:`~multicam.cam.CAM`.
+        score: ``"rest"`` (default, the paper's target; ``res.scores`` are then ReST
+            values) or ``"output"`` (the model's outputs as they are, pytorch-grad-cam's
+            default ``ClassifierOutputTarget``). Class targets only with ``"rest"``.
+
+    Needs the backend's optional ``hessian_vector_products`` (torch: double backward;
+    Keras: nested tapes; JAX: forward-over-reverse). ``res.gradients`` are the plain
+    gradients ``g``.
+
+    Peer: pytorch-grad-cam's ``ShapleyCAM`` (the same weights: ``mean(g - 0.5 * hvp)``
+    from ``torch.autograd.grad(grads, activations, grad_outputs=activations)``), with its
+    ``ClassifierOutputReST`` target for ``score="rest"``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layer: Any = None,
+        *,
+        score: str = "rest",
+        backend: str | Backend | None = None,
+        output: int | str | None = None,
+        reshape: Any = None,
+        layer_layout: str = "auto",
+        **options: Any,
+    ) -> None:
+        if score not in ("rest", "output"):
+            raise OptionError(f"score={score!r}: expected 'rest' (the paper's) or 'output'.")
+        self.score = score
+        super().__init__(
+            model,
+            layer,
+            backend=backend,
+            output=output,
+            reshape=reshape,
+            layer_layout=layer_layout,
+            **options,
+        )
+
+    def _signed(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool, native: bool = False
+    ) -> _Pass:
+        targets = dataclasses.replace(targets, score=self.score)
+        layer_gradients, products = self.bound.hessian_vector_products(inputs, targets)
+        grid, layer_layout, dropped = self._to_grid(layer_gradients, warn)
+        # The same reshaping for H A: layout and token grid are decided by the activations.
+        curvature, _, _ = self._to_grid(
+            dataclasses.replace(layer_gradients, gradients=products), warn=False
+        )
+        spatial = tuple(range(3, grid.gradients.ndim))
+        shapley = grid.gradients - 0.5 * curvature.gradients
+        weights = shapley.mean(axis=spatial, dtype=np.float64).astype(np.float32)
+        raw = algebra.weighted_sum(grid.activations, weights)
+        if eigen_smooth:
+            raw = algebra.eigen_smooth(grid.activations, weights)
+        return _Pass(grid, weights, raw, layer_layout, dropped)
+
+
+class LeGrad(CAM):
+    """LeGrad (Bousselham et al., arXiv 2404.03214): gradients of a ViT's attention maps.
+
+    For every attention layer l with probabilities ``A_l`` ``(N, heads, Q, K)``, the
+    relevance of key token j is the mean over heads and queries of
+    ``ReLU(d s / d A_l)[..., j]``; the map is the mean over the layers, its patch tokens
+    laid on the grid (the prefix tokens, e.g. the class token, dropped). One forward and
+    one backward pass for all layers (the backend's optional ``tensor_gradients``).
+
+    Args:
+        model: as for :class:`~multicam.cam.CAM`.
+        layers: the attention layers, in any order: a module or layer whose output is the
+            attention probabilities (a softmax module in the block), or the framework's
+            multi-head attention layer itself (torch ``nn.MultiheadAttention``, Keras
+            ``MultiHeadAttention``), whose per-head probabilities multicam asks it for.
+        reshape: the patch grid ``(h, w)`` or a :class:`~multicam.cam.TokenGrid` (with
+            ``prefix_tokens``); ``None`` infers a square grid after 0 or 1 prefix token.
+        backend, output, **options: as for :class:`~multicam.cam.CAM`.
+
+    ``res.activations`` ``(N, 1, h, w)`` is the attention each patch receives (mean over
+    layers, heads and queries), ``res.gradients`` ``(N, T, 1, h, w)`` the relevance (the
+    signed map before resizing); ``res.weights`` are ones ``(N, T, 1)``.
+
+    Peer: torchcam's ``LeGrad`` differentiates each block's own score (the head applied
+    to that block's tokens through ``score_projection``), where multicam differentiates the
+    model's score at every layer; they agree on the last block, and at every block when
+    torchcam's projection is the rest of the network. torchcam needs
+    ``nn.MultiheadAttention`` blocks; multicam takes any layer that outputs probabilities.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        layers: Sequence[Any],
+        *,
+        backend: str | Backend | None = None,
+        output: int | str | None = None,
+        reshape: TokenGrid | Sequence[int] | None = None,
+        **options: Any,
+    ) -> None:
+        if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers:
+            raise OptionError(
+                "LeGrad needs a sequence of attention layers, e.g. "
+                "[f'blocks.{i}.attn.softmax' for i in range(depth)]."
+            )
+        self.layers = list(layers)
+        super().__init__(model, self.layers[0], backend=backend, output=output, **options)
+        self.reshape = None if reshape is None else TokenGrid.of(reshape)
+
+    @property
+    def layer(self) -> str:
+        """The attention layers, comma-separated."""
+        return ", ".join(str(layer) for layer in self.layers)
+
+    def _grid(self, tokens: int) -> tuple[tuple[int, ...], int]:
+        """The patch grid and the number of prefix tokens for ``tokens`` keys."""
+        if self.reshape is not None:
+            cells = int(np.prod(self.reshape.shape))
+            prefix = (
+                tokens - cells if self.reshape.prefix_tokens is None else self.reshape.prefix_tokens
+            )
+            if prefix < 0 or prefix + cells != tokens:
+                raise OptionError(
+                    f"reshape={self.reshape.shape}: the attention has {tokens} key tokens, "
+                    f"which is not {cells} patches plus a prefix of class tokens."
+                )
+            return self.reshape.shape, prefix
+        for prefix in (1, 0):
+            side = round(float(np.sqrt(tokens - prefix)))
+            if side * side == tokens - prefix and side > 0:
+                return (side, side), prefix
+        raise OptionError(
+            f"the attention has {tokens} key tokens, no square grid after 0 or 1 prefix "
+            "token; pass reshape=(h, w) (or mc.TokenGrid((h, w), prefix_tokens=p))."
+        )
+
+    def _signed(
+        self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool, native: bool = False
+    ) -> _Pass:
+        if eigen_smooth:
+            raise OptionError("LeGrad's map is not a weighted sum of channels: no eigen_smooth.")
+        found = self.bound.tensor_gradients(inputs, targets, self.layers)
+        relevances, attention = [], []
+        for name, probabilities in found.tensors.items():
+            if probabilities.ndim != 4 or probabilities.shape[-1] != probabilities.shape[-2]:
+                raise OptionError(
+                    f"layer {name!r} outputs {probabilities.shape}, not self-attention "
+                    "probabilities (N, heads, tokens, tokens); name the softmax of each "
+                    "attention block (or the attention layer itself)."
+                )
+            positive = np.maximum(found.gradients[name], 0, dtype=np.float32)
+            relevances.append(positive.mean(axis=(2, 3), dtype=np.float64))
+            attention.append(probabilities.mean(axis=(1, 2), dtype=np.float64))
+        tokens = relevances[0].shape[-1]
+        if any(relevance.shape[-1] != tokens for relevance in relevances):
+            raise OptionError("the attention layers have different numbers of tokens.")
+        shape, prefix = self._grid(tokens)
+        n, t = found.scores.shape
+        relevance = np.mean(relevances, axis=0)[..., prefix:].reshape(n, t, 1, *shape)
+        received = np.mean(attention, axis=0)[..., prefix:].reshape(n, 1, *shape)
+        layer_gradients = LayerGradients(
+            activations=received.astype(np.float32),
+            gradients=relevance.astype(np.float32),
+            scores=found.scores,
+            targets=found.targets,
+            input_spatial_shape=_input_spatial(_as_numpy(inputs), self.bound.layout),
+            outputs=found.outputs,
+            training=found.training,
+        )
+        raw = relevance[:, :, 0].astype(np.float32)
+        return _Pass(layer_gradients, np.ones((n, t, 1), np.float32), raw, "channels_first")

@@ -238,9 +238,10 @@ class BoundModel(abc.ABC):
 
         Convolutions of any rank with a bias, and batch normalisations, in the model's
         order (as :meth:`parameter_layers`), each with its bias ``(K,)`` as float32 NumPy
-        (FullGrad keeps those whose output turns out to have spatial dims). A batch normalisation's bias is its effective bias
-        in inference mode, ``beta - mean * gamma / sqrt(var + eps)`` (``gamma = 1`` and
-        ``beta = 0`` where the layer has none), so that its output is ``scale * x + bias``.
+        (FullGrad keeps those whose output turns out to have spatial dims). A batch
+        normalisation's bias is its effective bias in inference mode,
+        ``beta - mean * gamma / sqrt(var + eps)`` (``gamma = 1`` and ``beta = 0`` where the
+        layer has none), so that its output is ``scale * x + bias``.
         Names are those :meth:`tensor_gradients` takes.
         """
         raise self._lacks("the biases of its layers (bias_layers)", "FullGrad")
@@ -266,6 +267,7 @@ class BoundModel(abc.ABC):
             targets: the parsed target request.
             layers: layer names (as ``layer=`` takes them) or, for FullGrad, the names
                 from :meth:`bias_layers`; each must run exactly once per forward pass.
+                Empty only with ``input_gradients=True`` (a model without bias layers).
             input_gradients: also return the input and d score / d input.
 
         Raises:

@@ -65,6 +65,7 @@ from .base import (
     BoundModel,
     LayerGradients,
     Redraw,
+    TensorGradients,
     check_finite,
     check_finite_input,
     check_parameter_layers,
@@ -248,6 +249,52 @@ class TorchBoundModel(BoundModel):
     def _gradients(
         self, x: torch.Tensor, targets: Targets, *, keep_saved: bool, native: bool = False
     ) -> LayerGradients:
+        activations, outputs, training = self._forward_to_layer(x, keep_saved=keep_saved)
+        outputs = _chosen_output(outputs, targets)
+        with torch.enable_grad():
+            scores, classes = _target_scores(outputs, targets)
+            if not scores.requires_grad:
+                raise self._independent()
+            grads = _batched_vjp(scores, activations, keep_saved=keep_saved)
+        if native:
+            return native_layer_gradients(
+                activations.detach(),
+                grads.detach(),
+                scores.detach(),
+                classes,
+                layout=self.layout,
+                input_shape=tuple(x.shape),
+                layer_name=self.layer_name,
+                outputs=outputs.detach(),
+                training=training,
+            )
+        return make_layer_gradients(
+            activations.detach().float().cpu().numpy(),
+            grads.detach().float().cpu().numpy(),
+            scores.detach().float().cpu().numpy(),
+            classes,
+            layout=self.layout,
+            input_shape=tuple(x.shape),
+            layer_name=self.layer_name,
+            outputs=outputs.detach().float().cpu().numpy(),
+            training=training,
+        )
+
+    def _independent(self) -> LayerError:
+        return LayerError(
+            f"the target scores do not depend on layer {self.layer_name!r}; choose a "
+            "layer on the path from the input to the output."
+        )
+
+    def _forward_to_layer(
+        self, x: torch.Tensor, *, keep_saved: bool
+    ) -> tuple[torch.Tensor, Any, tuple[str, ...]]:
+        """One forward that records the graph from the layer on.
+
+        Returns:
+            The layer's output as a leaf that requires grad, the model's outputs, and the
+            modules switched out of training mode for the call.
+        """
         captured: list[tuple[torch.Tensor, int]] = []
 
         owner = threading.get_ident()
@@ -305,38 +352,7 @@ class TorchBoundModel(BoundModel):
                 "layer returned it (by a tensor the model keeps that shares its memory), so "
                 "its activations cannot be read; choose the layer after that operation."
             )
-        outputs = _chosen_output(outputs, targets)
-        with torch.enable_grad():
-            scores, classes = _target_scores(outputs, targets)
-            if not scores.requires_grad:
-                raise LayerError(
-                    f"the target scores do not depend on layer {self.layer_name!r}; choose a "
-                    "layer on the path from the input to the output."
-                )
-            grads = _batched_vjp(scores, activations, keep_saved=keep_saved)
-        if native:
-            return native_layer_gradients(
-                activations.detach(),
-                grads.detach(),
-                scores.detach(),
-                classes,
-                layout=self.layout,
-                input_shape=tuple(x.shape),
-                layer_name=self.layer_name,
-                outputs=outputs.detach(),
-                training=training,
-            )
-        return make_layer_gradients(
-            activations.detach().float().cpu().numpy(),
-            grads.detach().float().cpu().numpy(),
-            scores.detach().float().cpu().numpy(),
-            classes,
-            layout=self.layout,
-            input_shape=tuple(x.shape),
-            layer_name=self.layer_name,
-            outputs=outputs.detach().float().cpu().numpy(),
-            training=training,
-        )
+        return activations, outputs, training
 
     def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
         """The model's outputs for a batch (eval mode, ``no_grad``), as float32 NumPy."""
@@ -498,6 +514,287 @@ class TorchBoundModel(BoundModel):
                         new = np.transpose(new, np.argsort(axes))
                     parameter.copy_(torch.from_numpy(np.ascontiguousarray(new)))
         return TorchBoundModel(clone, modules[path])
+
+    def bias_layers(self) -> tuple[tuple[str, np.ndarray], ...]:
+        """Convolutions with a bias and batch norms with running statistics (see base).
+
+        A batch norm without running statistics (``track_running_stats=False``) normalises
+        with each batch's own statistics even in eval mode, so it has no fixed bias and is
+        left out.
+        """
+        found = []
+        for name, module in self.model.named_modules():
+            if isinstance(module, torch.nn.modules.conv._ConvNd) and module.bias is not None:
+                found.append((name, module.bias.detach().float().cpu().numpy()))
+            elif (
+                isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+                and module.running_mean is not None
+                and module.running_var is not None
+            ):
+                mean = module.running_mean.detach().double().cpu().numpy()
+                std = np.sqrt(module.running_var.detach().double().cpu().numpy() + module.eps)
+                scale = 1.0 if module.weight is None else module.weight.detach().double().cpu()
+                shift = 0.0 if module.bias is None else module.bias.detach().double().cpu()
+                bias = np.asarray(shift, np.float64) - mean * np.asarray(scale, np.float64) / std
+                found.append((name, np.broadcast_to(bias, mean.shape).astype(np.float32)))
+        return tuple(found)
+
+    def tensor_gradients(
+        self,
+        inputs: Any,
+        targets: Targets,
+        layers: Sequence[str],
+        *,
+        input_gradients: bool = False,
+    ) -> TensorGradients:
+        """Gradients at several modules' outputs in one pass (see base).
+
+        Forward hooks record each module's output (the rest of the model gets a copy, so
+        in-place operations after it leave the recorded tensor alone); an
+        ``nn.MultiheadAttention`` module contributes its per-head attention probabilities,
+        which it is asked for (``need_weights=True, average_attn_weights=False``) and whose
+        product with the values is replayed so that its output depends on them (torch's
+        returned weights are a view that its output does not use).
+        """
+        if isinstance(layers, str) or (not layers and not input_gradients):
+            raise LayerError("tensor_gradients needs a non-empty sequence of layer names.")
+        resolved = [_resolve_layer(self.model, layer) for layer in layers]
+        names = [name for name, _ in resolved]
+        if len(set(names)) != len(names):
+            raise LayerError(f"layers {names} name a module more than once.")
+        x = self._as_tensor(inputs)
+        if input_gradients and not x.is_floating_point():
+            raise InputError(
+                f"input gradients need floating-point input; the input has dtype {x.dtype}."
+            )
+        try:
+            return self._tensor_gradients(x, targets, resolved, input_gradients, keep_saved=False)
+        except _SavedTensorModified:  # as in gradients()
+            return self._tensor_gradients(x, targets, resolved, input_gradients, keep_saved=True)
+
+    def _tensor_gradients(
+        self,
+        x: torch.Tensor,
+        targets: Targets,
+        resolved: list[tuple[str, torch.nn.Module]],
+        input_gradients: bool,
+        *,
+        keep_saved: bool,
+    ) -> TensorGradients:
+        recorded: dict[str, list[torch.Tensor]] = {name: [] for name, _ in resolved}
+        owner = threading.get_ident()
+        handles = []
+
+        def record(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            if not tensor.requires_grad:  # frozen parameters and an input without grad
+                tensor = tensor.detach().requires_grad_(True)
+            recorded[name].append(tensor)
+            return tensor
+
+        def output_hook(name: str) -> Any:
+            def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+                if threading.get_ident() != owner:
+                    return None
+                if not isinstance(output, torch.Tensor):
+                    raise LayerError(
+                        f"layer {name!r} returns {type(output).__name__}, not a tensor; "
+                        "choose a module whose output is one tensor."
+                    )
+                return record(name, output).clone()
+
+            return hook
+
+        def attention_hooks(name: str, module: torch.nn.MultiheadAttention) -> None:
+            _check_attention(name, module)
+            asked: list[tuple[bool, bool]] = []
+
+            def before(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+                if threading.get_ident() != owner:
+                    return None
+                args, kwargs = list(args), dict(kwargs)
+                asked.append(
+                    (
+                        bool(_argument(args, kwargs, 4, "need_weights", True)),
+                        bool(_argument(args, kwargs, 6, "average_attn_weights", True)),
+                    )
+                )
+                _set_argument(args, kwargs, 4, "need_weights", True)
+                _set_argument(args, kwargs, 6, "average_attn_weights", False)
+                return tuple(args), kwargs
+
+            def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+                if threading.get_ident() != owner:
+                    return None
+                probabilities = record(name, output[1])
+                value = _argument(list(args), kwargs, 2, "value", None)
+                replayed = _replay_attention(module, probabilities, value)
+                need, average = asked.pop()
+                weights = None if not need else probabilities.mean(1) if average else probabilities
+                return replayed, weights
+
+            handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
+            handles.append(module.register_forward_hook(after, with_kwargs=True))
+
+        x = _private(x).detach()
+        if input_gradients:
+            x.requires_grad_(True)
+        try:
+            for name, module in resolved:
+                if isinstance(module, torch.nn.MultiheadAttention):
+                    attention_hooks(name, module)
+                else:
+                    handles.append(module.register_forward_hook(output_hook(name)))
+            with (
+                self._inference() as training,
+                self._forward_errors(x),
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
+            ):
+                outputs = self.model(x if not input_gradients else x.clone())
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, tensors in recorded.items():
+            if len(tensors) != 1:
+                raise LayerError(
+                    f"layer {name!r} ran {len(tensors)} times in one forward pass; choose "
+                    "modules that run exactly once."
+                )
+        outputs = _chosen_output(outputs, targets)
+        wrt = [tensors[0] for tensors in recorded.values()] + ([x] if input_gradients else [])
+        with torch.enable_grad():
+            scores, classes = _target_scores(outputs, targets)
+            if not scores.requires_grad:
+                raise LayerError(
+                    f"the target scores do not depend on the layers {list(recorded)}; choose "
+                    "layers on the path from the input to the output."
+                )
+            grads = _batched_vjp_many(scores, wrt, keep_saved=keep_saved)
+        arrays = [grad.detach().float().cpu().numpy() for grad in grads]
+        tensors = {name: t[0].detach().float().cpu().numpy() for name, t in recorded.items()}
+        gradients = dict(zip(recorded, arrays, strict=False))
+        for name in recorded:
+            check_finite(gradients[name], f"the gradients at layer {name!r}")
+        score_array = scores.detach().float().cpu().numpy()
+        check_finite(score_array, "the target scores")
+        return TensorGradients(
+            tensors=tensors,
+            gradients=gradients,
+            scores=score_array,
+            targets=classes,
+            layout=self.layout,
+            inputs=x.detach().float().cpu().numpy() if input_gradients else None,
+            input_gradients=arrays[-1] if input_gradients else None,
+            outputs=outputs.detach().float().cpu().numpy(),
+            training=training,
+        )
+
+    def hessian_vector_products(
+        self, inputs: Any, targets: Targets
+    ) -> tuple[LayerGradients, np.ndarray]:
+        """Gradients at the layer and ``H a`` by double backward (see base)."""
+        x = self._as_tensor(inputs)
+        try:
+            return self._hessian_vector_products(x, targets, keep_saved=False)
+        except _SavedTensorModified:
+            return self._hessian_vector_products(x, targets, keep_saved=True)
+
+    def _hessian_vector_products(
+        self, x: torch.Tensor, targets: Targets, *, keep_saved: bool
+    ) -> tuple[LayerGradients, np.ndarray]:
+        activations, outputs, training = self._forward_to_layer(x, keep_saved=keep_saved)
+        outputs = _chosen_output(outputs, targets)
+        grads, products = [], []
+        with torch.enable_grad():
+            scores, classes = _target_scores(outputs, targets)
+            if not scores.requires_grad:
+                raise self._independent()
+            for t in range(scores.shape[1]):
+                try:
+                    (grad,) = torch.autograd.grad(
+                        scores[:, t].sum(), activations, create_graph=True, retain_graph=True
+                    )
+                    if grad.requires_grad:  # else the score is linear in the layer: H = 0
+                        (product,) = torch.autograd.grad(
+                            grad,
+                            activations,
+                            grad_outputs=activations.detach(),
+                            retain_graph=True,
+                            allow_unused=True,
+                        )
+                    else:
+                        product = None
+                except RuntimeError as exc:
+                    if "modified by an inplace operation" in str(exc) and not keep_saved:
+                        raise _SavedTensorModified from exc
+                    raise
+                grads.append(grad.detach())
+                products.append(torch.zeros_like(grad) if product is None else product.detach())
+        layer_gradients = make_layer_gradients(
+            activations.detach().float().cpu().numpy(),
+            torch.stack(grads, 1).float().cpu().numpy(),
+            scores.detach().float().cpu().numpy(),
+            classes,
+            layout=self.layout,
+            input_shape=tuple(x.shape),
+            layer_name=self.layer_name,
+            outputs=outputs.detach().float().cpu().numpy(),
+            training=training,
+        )
+        hvp = torch.stack(products, 1).float().cpu().numpy()
+        check_finite(hvp, f"the Hessian-vector products at layer {self.layer_name!r}")
+        return layer_gradients, hvp
+
+
+def _argument(args: list[Any], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
+    """A call argument given by position or keyword (as ``nn.MultiheadAttention.forward``)."""
+    if len(args) > index:
+        return args[index]
+    return kwargs.get(name, default)
+
+
+def _set_argument(
+    args: list[Any], kwargs: dict[str, Any], index: int, name: str, value: Any
+) -> None:
+    if len(args) > index:
+        args[index] = value
+    else:
+        kwargs[name] = value
+
+
+def _check_attention(name: str, module: torch.nn.MultiheadAttention) -> None:
+    """Refuse the attention variants whose output :func:`_replay_attention` cannot replay."""
+    if module.bias_k is not None or module.add_zero_attn:
+        raise LayerError(
+            f"attention layer {name!r} adds key/value bias tokens (add_bias_kv or "
+            "add_zero_attn), which multicam cannot replay; name the module whose output is "
+            "the attention probabilities instead."
+        )
+
+
+def _replay_attention(
+    module: torch.nn.MultiheadAttention, probabilities: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """The attention output recomputed from ``probabilities`` ``(N, heads, Q, K)``.
+
+    torch returns the probabilities as a view its own output does not use; recomputing the
+    output from them (value projection, weighted sum, output projection) puts them on the
+    path to the scores, with the same values (in eval mode, where dropout is inactive).
+    """
+    if not module.batch_first:
+        value = value.transpose(0, 1)
+    batch, length, _ = value.shape
+    dim = module.embed_dim
+    packed = module._qkv_same_embed_dim
+    weight = module.in_proj_weight[2 * dim :] if packed else module.v_proj_weight
+    bias = None if module.in_proj_bias is None else module.in_proj_bias[2 * dim :]
+    heads = module.num_heads
+    values = torch.nn.functional.linear(value, weight, bias)
+    values = values.reshape(batch, length, heads, dim // heads).transpose(1, 2)
+    mixed = torch.matmul(probabilities, values).transpose(1, 2)
+    out = module.out_proj(mixed.reshape(batch, probabilities.shape[2], dim))
+    return out if module.batch_first else out.transpose(0, 1)
 
 
 def _canonical_parameter(
@@ -711,6 +1008,8 @@ def _target_scores(
     values = outputs.detach().float().cpu().numpy() if targets.kind == "predicted" else None
     classes = targets.class_ids(tuple(outputs.shape), values)
     index = torch.from_numpy(classes).to(outputs.device)
+    if targets.score == "rest":  # 2 z - logsumexp(z): the predicted class is unchanged
+        outputs = 2 * outputs - torch.logsumexp(outputs, dim=1, keepdim=True)
     return outputs.gather(1, index), classes
 
 
@@ -739,6 +1038,62 @@ def _batched_vjp(
             "even with autograd's saved tensors copied; make that operation out-of-place "
             "(e.g. nn.ReLU(inplace=False)) or choose a later layer."
         ) from exc
+
+
+def _batched_vjp_many(
+    scores: torch.Tensor, tensors: list[torch.Tensor], *, keep_saved: bool
+) -> list[torch.Tensor]:
+    """``(N, T, *A_i)`` gradients of each target column w.r.t. each of ``tensors``.
+
+    As :func:`_batched_vjp`, for several tensors in one backward pass; a tensor the scores
+    do not depend on gets zeros.
+    """
+    n_targets = scores.shape[1]
+    try:
+        if n_targets == 1:
+            grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+            grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
+        else:
+            basis = torch.eye(n_targets, dtype=scores.dtype, device=scores.device)
+            cotangents = basis[:, None, :].expand(n_targets, scores.shape[0], n_targets)
+            try:
+                batched = torch.autograd.grad(
+                    scores,
+                    tensors,
+                    grad_outputs=cotangents,
+                    is_grads_batched=True,
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                grads = tuple(None if g is None else g.movedim(0, 1) for g in batched)
+            except RuntimeError as exc:
+                if "modified by an inplace operation" in str(exc):
+                    raise
+                columns = [
+                    torch.autograd.grad(
+                        scores[:, t].sum(), tensors, retain_graph=True, allow_unused=True
+                    )
+                    for t in range(n_targets)
+                ]
+                grads = tuple(
+                    None if column[0] is None else torch.stack(list(column), 1)
+                    for column in zip(*columns, strict=True)
+                )
+    except RuntimeError as exc:
+        if "modified by an inplace operation" not in str(exc):
+            raise
+        if not keep_saved:
+            raise _SavedTensorModified from exc
+        raise UnsupportedModelError(
+            "an in-place operation in the model modified a tensor that the gradients need, "
+            "even with autograd's saved tensors copied; make that operation out-of-place."
+        ) from exc
+    return [
+        torch.zeros((scores.shape[0], n_targets, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        if g is None
+        else g
+        for g, t in zip(grads, tensors, strict=True)
+    ]
 
 
 def _batched_vjp_once(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
