@@ -81,7 +81,9 @@ def peers_bench(session: nox.Session) -> None:
 
     Its own environment, pinned by ``benchmarks/constraints-peers.txt`` (torch 2.14.1 with
     its matching torchvision 0.29.1, tf-keras-vis), so the default environment keeps the
-    CPU torch of ``constraints-cpu.txt``.
+    CPU torch of ``constraints-cpu.txt``. Quantus (without its ``tensorflow`` extra, which
+    wants Keras 2) and pytest go in too, for the peers' metric checks on torch and Keras:
+    ``.nox/peers-bench/bin/python -m pytest tests/test_peers_metrics.py``.
     """
     session.install(
         "-c",
@@ -94,6 +96,8 @@ def peers_bench(session: nox.Session) -> None:
         "grad-cam",
         "torchcam",
         "tf-keras-vis",
+        "quantus==0.6.0",
+        "pytest",
         "matplotlib",
         "-e",
         ".",
