@@ -1624,13 +1624,14 @@ class LeGrad(CAM):
         """The patch grid and the number of prefix tokens for ``tokens`` keys."""
         if self.reshape is not None:
             cells = int(np.prod(self.reshape.shape))
-            prefix = (
-                tokens - cells if self.reshape.prefix_tokens is None else self.reshape.prefix_tokens
-            )
+            prefix = self.reshape.prefix_tokens
+            if prefix is None:  # as TokenGrid: a class token or none
+                prefix = tokens - cells if tokens - cells in (0, 1) else -1
             if prefix < 0 or prefix + cells != tokens:
                 raise OptionError(
                     f"reshape={self.reshape.shape}: the attention has {tokens} key tokens, "
-                    f"which is not {cells} patches plus a prefix of class tokens."
+                    f"which is not {cells} patches plus 0 or 1 class token (for more prefix "
+                    "tokens pass mc.TokenGrid(shape, prefix_tokens=p))."
                 )
             return self.reshape.shape, prefix
         for prefix in (1, 0):
@@ -1650,10 +1651,15 @@ class LeGrad(CAM):
         found = self.bound.tensor_gradients(inputs, targets, self.layers)
         relevances, attention = [], []
         for name, probabilities in found.tensors.items():
-            if probabilities.ndim != 4 or probabilities.shape[-1] != probabilities.shape[-2]:
+            if (
+                probabilities.ndim != 4
+                or probabilities.shape[-1] != probabilities.shape[-2]
+                or not np.allclose(probabilities.sum(axis=-1), 1.0, atol=1e-3)
+            ):
                 raise OptionError(
                     f"layer {name!r} outputs {probabilities.shape}, not self-attention "
-                    "probabilities (N, heads, tokens, tokens); name the softmax of each "
+                    "probabilities (N, heads, tokens, tokens) that sum to 1 over the keys; "
+                    "name the softmax of each "
                     "attention block (or the attention layer itself)."
                 )
             positive = np.maximum(found.gradients[name], 0, dtype=np.float32)
