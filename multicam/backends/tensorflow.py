@@ -43,6 +43,14 @@ A traced graph does not see later changes to the model's Python structure (a rep
 activation, a flag read in ``call``), exactly like Keras' own ``predict``; variables'
 values are read at every call.
 
+Several layers and second derivatives run eagerly: ``tensor_gradients`` (FullGrad, LeGrad)
+shadows every layer it is asked for in one forward and differentiates all of them in one
+backward pass per target (a ``MultiHeadAttention`` contributes its attention
+probabilities, asked for with ``return_attention_scores=True``);
+``hessian_vector_products`` (ShapleyCAM) watches the bound layer on two nested tapes.
+``Targets.score == "rest"`` (ShapleyCAM's residual-softmax score) is part of the
+compiled functions' cache key, so it runs compiled like the plain scores.
+
 Threads: the shadowing wrapper is installed once per layer for as long as any thread is
 explaining it (reference-counted under a lock) and records only for the threads that are
 explaining (a thread-local slot; TensorFlow's tapes are thread-local too); any other call
@@ -61,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import logging
 import sys
 import threading
@@ -85,6 +94,7 @@ from .base import (
     LayerGradients,
     Layout,
     Redraw,
+    TensorGradients,
     check_finite,
     check_finite_input,
     check_parameter_layers,
@@ -273,22 +283,11 @@ class TensorFlowBoundModel(BoundModel):
         input_shape = _input_shape(x)
         record = _Record(self.output_index)
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            restore = _install(self.layer, record, tape)
-            try:
-                with self._forward_errors(
-                    input_shape,
-                    tf.nest.flatten(x)[0].dtype.name,
-                    f"(raised by the model's own forward pass while multicam recorded layer "
-                    f"{self.layer_name!r}; the model has been restored unchanged)",
-                ):
-                    outputs = self.model(x, training=False)
-            finally:
-                restore()
+            outputs = self._recording_forward(
+                x, [(self.layer, record)], tape, f"layer {self.layer_name!r}"
+            )
             activations = self._recorded_activations(record)
-            outputs = self._single_output(targets.select_output(outputs))
-            scores, class_ids = _target_scores(outputs, targets, self.layout)
-            # Per-target columns, recorded now for the fallback of _backward (cheap).
-            columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
+            outputs, scores, class_ids, columns = self._scores(outputs, targets)
         try:
             gradients = self._backward(tape, scores, columns, activations)
         finally:
@@ -409,16 +408,7 @@ class TensorFlowBoundModel(BoundModel):
         import tensorflow as tf
 
         x = self._prepare_inputs(inputs)
-        if not isinstance(x, tf.Tensor):
-            raise InputError(
-                "guided backpropagation differentiates one input tensor; this model takes "
-                "several inputs."
-            )
-        if not x.dtype.is_floating:
-            raise InputError(
-                f"guided backpropagation differentiates the input, which has dtype "
-                f"{x.dtype.name}; pass floating-point input."
-            )
+        _check_differentiable_input(x, "guided backpropagation")
         function, key, reason = self._function("guided", targets)
         eager = functools.partial(self._eager_guided_gradients, x, targets)
         if function is None:
@@ -459,9 +449,7 @@ class TensorFlowBoundModel(BoundModel):
                     outputs = self.model(x, training=False)
             finally:
                 restore()
-            outputs = self._single_output(targets.select_output(outputs))
-            scores, class_ids = _target_scores(outputs, targets, self.layout)
-            columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
+            outputs, scores, class_ids, columns = self._scores(outputs, targets)
         try:
             gradients = self._backward(tape, scores, columns, x)
         finally:
@@ -478,6 +466,191 @@ class TensorFlowBoundModel(BoundModel):
             guided_relus=stats.relus,
             unguided_activations=sorted(stats.kinds),
         )
+
+    # --- several layers, second derivatives ----------------------------------------------
+
+    def tensor_gradients(
+        self,
+        inputs: Any,
+        targets: Targets,
+        layers: Sequence[str],
+        *,
+        input_gradients: bool = False,
+    ) -> TensorGradients:
+        """Gradients of the target scores w.r.t. the outputs of several layers, in one pass.
+
+        One eager forward (``training=False``) records the output of every layer in
+        ``layers`` (each shadowed by the recording wrapper of :meth:`gradients`, all removed
+        after the forward, also when it raises); then one backward pass per target column
+        differentiates all of them at once (for more than 16 targets, pfor's batch Jacobian
+        per tensor). A ``keras.layers.MultiHeadAttention`` contributes its attention
+        probabilities instead of its output: it runs with ``return_attention_scores=True``
+        (which also avoids Keras' fused kernel, which never materialises them), and the
+        model gets only the attention output, as it asked.
+
+        Args:
+            inputs: a batch in the model's layout, a NumPy array or a ``tf.Tensor``.
+            targets: the parsed target request.
+            layers: layer names, paths or objects, as ``layer=`` takes them (e.g. the names
+                of :meth:`bias_layers`), each once; may be empty with ``input_gradients``.
+            input_gradients: also return the input and d score / d input.
+
+        Returns:
+            :class:`TensorGradients` keyed by each layer's resolved path, in the order asked
+            for; tensors ``(N, ...)`` and gradients ``(N, T, ...)`` in Keras' own layout
+            (channels-last for the zoo's models), attention probabilities
+            ``(N, heads, Q, K)``; float32.
+
+        Raises:
+            LayerError: a layer that does not exist (with the nearest names), named twice,
+                not called exactly once by the forward, that returns no single tensor, or on
+                whose output the scores do not depend; an attention layer built with
+                ``flash_attention=True``.
+            InputError: ``input_gradients`` for a model with several or non-float inputs.
+            TargetError: the targets do not fit the outputs.
+        """
+        import tensorflow as tf
+
+        taps = self._tensor_taps(layers, input_gradients)
+        x = self._prepare_inputs(inputs)
+        if input_gradients:
+            _check_differentiable_input(x, "input_gradients=True")
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            if input_gradients:
+                tape.watch(x)
+            what = "layers " + ", ".join(repr(path) for path, _, _ in taps)
+            outputs = self._recording_forward(
+                x, [(layer, record) for _, layer, record in taps], tape, what
+            )
+            tensors = {
+                path: _recorded_output(record, path, traced=False) for path, _, record in taps
+            }
+            outputs, scores, class_ids, columns = self._scores(outputs, targets)
+        sources = list(tensors.values()) + ([x] if input_gradients else [])
+        try:
+            gradients = _backward_all(tape, scores, columns, sources, list(tensors))
+        finally:
+            del tape
+        self._ran("eager", "tensor_gradients", "tensor_gradients runs eagerly")
+        return TensorGradients(
+            {
+                path: _float32(tensor, f"the output of layer {path!r}")
+                for path, tensor in tensors.items()
+            },
+            {
+                path: _float32(gradient, f"the gradients at layer {path!r}")
+                for path, gradient in zip(tensors, gradients, strict=False)
+            },
+            _float32(scores, "the target scores"),
+            class_ids,
+            self.layout,
+            _float32(x, "the input") if input_gradients else None,
+            _float32(gradients[-1], "the gradients at the input") if input_gradients else None,
+            _float32(outputs, "the model's outputs"),
+        )
+
+    def _tensor_taps(
+        self, layers: Sequence[str], input_gradients: bool
+    ) -> list[tuple[str, Any, _Record]]:
+        """``(path, layer, record)`` for each layer of :meth:`tensor_gradients`.
+
+        Resolved as :meth:`TensorFlowBackend.bind` resolves ``layer=``; a multi-head
+        attention layer gets an :class:`_AttentionRecord`. A layer named twice (also under
+        two spellings) is an error, as in the other backends: the result is keyed by it.
+        """
+        import keras
+
+        if isinstance(layers, str) or (not layers and not input_gradients):
+            raise LayerError("tensor_gradients needs a non-empty sequence of layer names.")
+        named = list(_named_layers(self.model))
+        taps: list[tuple[str, Any, _Record]] = []
+        seen: dict[int, str] = {}
+        for name in layers:
+            path, layer, index = _resolve_layer(self.model, name, named)
+            if id(layer) in seen:
+                raise LayerError(
+                    f"layers {list(layers)!r} name layer {seen[id(layer)]!r} more than once "
+                    f"(also as {path!r}); tensor_gradients records each layer once."
+                )
+            seen[id(layer)] = path
+            if isinstance(layer, keras.layers.MultiHeadAttention) and index is None:
+                if getattr(layer, "_flash_attention", False):
+                    raise LayerError(
+                        f"attention layer {path!r} uses flash attention, which never "
+                        "materialises the attention probabilities; build it with "
+                        "flash_attention=False (or keras.config.disable_flash_attention())."
+                    )
+                taps.append((path, layer, _AttentionRecord()))
+            else:
+                taps.append((path, layer, _Record(index)))
+        return taps
+
+    def hessian_vector_products(
+        self, inputs: Any, targets: Targets
+    ) -> tuple[LayerGradients, np.ndarray]:
+        """The gradients at the bound layer and the Hessian-vector products ``H a``.
+
+        Double backward on nested tapes, eagerly: one forward watches the layer's output
+        ``a`` on both; the inner tape gives each target's gradient ``g_t = d s_t / d a``
+        (recorded by the outer tape), and the outer one ``d (g_t . a) / d a`` with ``a``
+        held fixed, i.e. ``H_t a`` (``output_gradients=a``). Samples are independent, so
+        the scores are summed over the batch. A score linear in ``a`` (a ReLU network's
+        logits: a ReLU's second derivative is 0) gives zeros, not an error.
+
+        Args:
+            inputs: a batch in the model's layout, a NumPy array or a ``tf.Tensor``.
+            targets: the parsed target request.
+
+        Returns:
+            The :class:`LayerGradients` of :meth:`gradients` and ``(N, T, K, *S)``
+            channels-first float32 Hessian-vector products.
+
+        Raises:
+            As :meth:`gradients`.
+        """
+        import tensorflow as tf
+
+        x = self._prepare_inputs(inputs)
+        record = _Record(self.output_index)
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as outer:
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as inner:
+                outputs = self._recording_forward(
+                    x, [(self.layer, record)], _Tapes(outer, inner), f"layer {self.layer_name!r}"
+                )
+                activations = self._recorded_activations(record)
+                outputs, scores, class_ids, columns = self._scores(outputs, targets)
+            rows = [inner.gradient(column, activations) for column in columns]
+        try:
+            if any(row is None for row in rows):
+                raise _disconnected(self.layer_name)
+            products = [
+                outer.gradient(
+                    row,
+                    activations,
+                    output_gradients=activations,
+                    unconnected_gradients=tf.UnconnectedGradients.ZERO,
+                )
+                for row in rows
+            ]
+        finally:
+            del outer, inner
+        self._ran("eager", "hessian_vector_products", "Hessian-vector products run eagerly")
+        result = make_layer_gradients(
+            tf.cast(activations, tf.float32).numpy(),
+            tf.cast(tf.stack(rows, axis=1), tf.float32).numpy(),
+            tf.cast(scores, tf.float32).numpy(),
+            class_ids,
+            layout=self.layout,
+            input_shape=_input_shape(x),
+            layer_name=self.layer_name,
+            outputs=tf.cast(outputs, tf.float32).numpy(),
+        )
+        hvp = _float32(
+            tf.stack(products, axis=1), f"the Hessian-vector products at layer {self.layer_name!r}"
+        )
+        if self.layout == "channels_last":
+            hvp = np.ascontiguousarray(np.moveaxis(hvp, -1, 2))
+        return result, hvp
 
     # --- which path runs ----------------------------------------------------------------
 
@@ -499,7 +672,7 @@ class TensorFlowBoundModel(BoundModel):
         if targets.kind == "region":
             return None, None, "Region targets run eagerly"
         return _functions_of(self.model).get(
-            self, kind, targets.kind, targets.output, targets.score_fn
+            self, kind, targets.kind, targets.output, targets.score_fn, targets.score
         )
 
     def _eager(self, what: str, reason: str, run: Callable[[], _T]) -> _T:
@@ -606,6 +779,48 @@ class TensorFlowBoundModel(BoundModel):
             hint = " Resize or reshape the input to the model's input shape."
         raise InputError(message + hint)
 
+    def _recording_forward(
+        self, x: Any, taps: Sequence[tuple[Any, _Record]], tape: Any, what: str
+    ) -> Any:
+        """One eager forward (``training=False``) recording each tap's layer onto ``tape``.
+
+        Args:
+            x: the prepared input.
+            taps: ``(layer, record)`` pairs: each layer's output goes to its record and is
+                watched on ``tape`` (anything with ``watch``); the wrappers are removed
+                after the forward, also when it raises.
+            tape: the tape(s) the recorded outputs are watched on.
+            what: what is recorded, for the note on the user's own exceptions.
+
+        Returns:
+            The model's outputs, as it returned them.
+        """
+        import tensorflow as tf
+
+        with contextlib.ExitStack() as installed:
+            for layer, record in taps:
+                installed.callback(_install(layer, record, tape))
+            with self._forward_errors(
+                _input_shape(x),
+                tf.nest.flatten(x)[0].dtype.name,
+                f"(raised by the model's own forward pass while multicam recorded {what}; "
+                "the model has been restored unchanged)",
+            ):
+                return self.model(x, training=False)
+
+    def _scores(self, outputs: Any, targets: Targets) -> tuple[Any, Any, Any, list[Any]]:
+        """The chosen output, its ``(N, T)`` target scores, class ids and score columns.
+
+        Called inside the tape, so the scores are differentiable; the columns ``(N,)`` are
+        the per-target scores, recorded now for the fallback of :func:`_backward` (cheap).
+        """
+        import tensorflow as tf
+
+        outputs = self._single_output(targets.select_output(outputs))
+        scores, class_ids = _target_scores(outputs, targets, self.layout)
+        columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
+        return outputs, scores, class_ids, columns
+
     def _recorded_activations(self, record: _Record) -> Any:
         """The bound layer's output from this eager forward, checked to be called once."""
         return _recorded_output(record, self.layer_name, traced=False)
@@ -621,6 +836,29 @@ class TensorFlowBoundModel(BoundModel):
     def parameter_layers(self) -> tuple[str, ...]:
         """Paths of the layers that created trainable variables, in the model's order."""
         return tuple(path for path, layer in _named_layers(self.model) if _own_parameters(layer))
+
+    def bias_layers(self) -> tuple[tuple[str, np.ndarray], ...]:
+        """Convolutions with a bias and batch normalisations, with their biases ``(K,)``.
+
+        Walks the model as :meth:`parameter_layers` does (nested models expanded, the same
+        paths, which :meth:`tensor_gradients` takes). Convolutions are Keras' convolution
+        layers of any rank (and subclasses of their bases): plain, transposed, depthwise
+        and separable. A ``BatchNormalization``'s bias is its inference-mode one,
+        ``beta - moving_mean * gamma / sqrt(moving_variance + epsilon)`` (``gamma = 1``
+        without ``scale``, ``beta = 0`` without ``center``), computed in float64.
+        """
+        import keras
+
+        convolutions = _convolution_classes()
+        found: list[tuple[str, np.ndarray]] = []
+        for path, layer in _named_layers(self.model):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                found.append((path, _batch_norm_bias(layer)))
+            elif isinstance(layer, convolutions) and getattr(layer, "use_bias", False):
+                bias = getattr(layer, "bias", None)
+                if bias is not None:
+                    found.append((path, np.asarray(bias, dtype=np.float32)))
+        return tuple(found)
 
     def randomized(self, layers: Sequence[str], redraw: Redraw) -> TensorFlowBoundModel:
         """A copy of the model whose ``layers`` hold redrawn variables (see base).
@@ -717,6 +955,79 @@ class _RandomizedTensorFlowBoundModel(TensorFlowBoundModel):
         with self._scope():
             return super().guided_gradients(inputs, targets)
 
+    def bias_layers(self) -> tuple[tuple[str, np.ndarray], ...]:
+        with self._scope():
+            return super().bias_layers()
+
+    def tensor_gradients(
+        self,
+        inputs: Any,
+        targets: Targets,
+        layers: Sequence[str],
+        *,
+        input_gradients: bool = False,
+    ) -> TensorGradients:
+        with self._scope():
+            return super().tensor_gradients(
+                inputs, targets, layers, input_gradients=input_gradients
+            )
+
+    def hessian_vector_products(
+        self, inputs: Any, targets: Targets
+    ) -> tuple[LayerGradients, np.ndarray]:
+        with self._scope():
+            return super().hessian_vector_products(inputs, targets)
+
+
+def _convolution_classes() -> tuple[type, ...]:
+    """Keras' convolution layer classes: every rank, transposed, depthwise, separable."""
+    import keras
+
+    names = (
+        "Conv1D",
+        "Conv2D",
+        "Conv3D",
+        "Conv1DTranspose",
+        "Conv2DTranspose",
+        "Conv3DTranspose",
+        "DepthwiseConv1D",
+        "DepthwiseConv2D",
+        "SeparableConv1D",
+        "SeparableConv2D",
+    )
+    classes: list[type] = [
+        getattr(keras.layers, name) for name in names if hasattr(keras.layers, name)
+    ]
+    try:  # their bases, so that a user's own convolution built on them counts too
+        from keras.src.layers.convolutional import (
+            base_conv,
+            base_conv_transpose,
+            base_depthwise_conv,
+            base_separable_conv,
+        )
+    except ImportError:
+        return tuple(classes)
+    return (
+        *classes,
+        base_conv.BaseConv,
+        base_conv_transpose.BaseConvTranspose,
+        base_depthwise_conv.BaseDepthwiseConv,
+        base_separable_conv.BaseSeparableConv,
+    )
+
+
+def _batch_norm_bias(layer: Any) -> np.ndarray:
+    """A ``BatchNormalization``'s bias in inference mode: its output is ``scale * x + bias``."""
+
+    def values(variable: Any) -> np.ndarray:
+        return np.asarray(variable, dtype=np.float64)
+
+    mean = values(layer.moving_mean)
+    gamma = values(layer.gamma) if layer.scale else np.ones_like(mean)
+    beta = values(layer.beta) if layer.center else np.zeros_like(mean)
+    scale = gamma / np.sqrt(values(layer.moving_variance) + float(layer.epsilon))
+    return (beta - mean * scale).astype(np.float32)
+
 
 def _own_parameters(layer: Any) -> list[Any]:
     """The trainable variables ``layer`` created itself (not its sub-layers'), in order."""
@@ -751,6 +1062,57 @@ class _Record:
         self.index = index
         self.output: Any = None
 
+    def arguments(
+        self, method: Any, args: tuple[Any, ...], kwargs: dict[str, Any], tape: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments the layer's outermost call runs with: the caller's own."""
+        return args, kwargs
+
+    def returned(self, output: Any) -> Any:
+        """What the layer's outermost call hands on to the model: its own output."""
+        return output
+
+
+class _AttentionRecord(_Record):
+    """Records a ``keras.layers.MultiHeadAttention``'s attention probabilities.
+
+    Its call runs with ``return_attention_scores=True``, which also makes Keras compute
+    the probabilities explicitly (its fused dot-product kernel never materialises them);
+    the probabilities ``(N, heads, Q, K)`` are recorded (element 1 of the pair), and the
+    model gets what it asked for: the attention output alone unless it asked for scores.
+    The layer's inputs are watched before it runs: the probabilities are consumed inside
+    the layer, so only a tape that records the call itself connects them to its output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(index=1)
+        self.asked = False
+
+    def arguments(
+        self, method: Any, args: tuple[Any, ...], kwargs: dict[str, Any], tape: Any
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        import tensorflow as tf
+
+        try:
+            bound = inspect.signature(method).bind(*args, **kwargs)
+        except (TypeError, ValueError):  # the call fails as it would without multicam
+            return args, kwargs
+        for name in ("query", "value", "key"):
+            for leaf in tf.nest.flatten(bound.arguments.get(name)):
+                if isinstance(leaf, tf.Tensor) and leaf.dtype.is_floating:
+                    tape.watch(leaf)
+        self.asked = bool(bound.arguments.get("return_attention_scores", False))
+        if "return_attention_scores" not in bound.signature.parameters:  # call(**kwargs)
+            self.asked = bool(kwargs.get("return_attention_scores", False))
+            return args, {**kwargs, "return_attention_scores": True}
+        bound.arguments["return_attention_scores"] = True
+        return bound.args, bound.kwargs
+
+    def returned(self, output: Any) -> Any:
+        if self.asked or not isinstance(output, list | tuple):
+            return output
+        return output[0]
+
 
 class _ReplacingRecord(_Record):
     """A record whose layer output is swapped for ``replace(output)`` (outputs_from_layer)."""
@@ -765,6 +1127,17 @@ class _NoTape:
 
     def watch(self, tensor: Any) -> None:
         pass
+
+
+class _Tapes:
+    """Watches a recorded tensor on several nested tapes (second derivatives)."""
+
+    def __init__(self, *tapes: Any) -> None:
+        self.tapes = tapes
+
+    def watch(self, tensor: Any) -> None:
+        for tape in self.tapes:
+            tape.watch(tensor)
 
 
 _TAPS_LOCK = threading.Lock()
@@ -793,6 +1166,8 @@ class _LayerTap:
             if active is None:  # a call from a thread that is not explaining this layer
                 return method(*args, **kwargs)
             record, tape = active
+            if record.depth == 0:
+                args, kwargs = record.arguments(method, args, kwargs, tape)
             record.depth += 1
             try:
                 output = method(*args, **kwargs)
@@ -815,6 +1190,7 @@ class _LayerTap:
                         items = list(output)
                         items[index] = replace(chosen)
                         return tuple(items) if isinstance(output, tuple) else items
+                return record.returned(output)
             return output
 
         return recording_call
@@ -866,8 +1242,9 @@ class _Functions:
     """The compiled functions of one model, shared by every bound model of it.
 
     Keyed by what shapes the graph: the kind of computation, the layer and its output
-    index (for kinds that capture a layer), the target mode, the output choice and, for a
-    target function, the function object (held weakly). TensorFlow keys each function's
+    index (for kinds that capture a layer), the target mode, the class score
+    (``Targets.score``), the output choice and, for a target function, the function object
+    (held weakly). TensorFlow keys each function's
     traces by the input signature, including the ``(N, T)`` shape of the class ids. A key
     whose call failed compiled and worked eagerly maps to the reason, and runs eagerly.
     The model and the target functions are held weakly; see :func:`_functions_of`.
@@ -892,10 +1269,14 @@ class _Functions:
         mode: str | None,
         output: int | str | None,
         score_fn: Callable[[Any], Any] | None,
+        score: str = "output",
     ) -> tuple[Any, tuple[Any, ...] | None, str]:
-        """``(function, key, "")``, or ``(None, key or None, why the call runs eagerly)``."""
+        """``(function, key, "")``, or ``(None, key or None, why the call runs eagerly)``.
+
+        ``score`` is ``Targets.score``: the class scores a gradients graph picks from.
+        """
         layer = (id(bound.layer), bound.output_index) if kind in _LAYER_KINDS else None
-        key = (kind, layer, mode, output)
+        key = (kind, layer, mode, output, score)
         with self._lock:
             table = self._table
             if score_fn is not None:
@@ -918,7 +1299,7 @@ class _Functions:
             if entry is None:
                 if layer is not None:
                     self._layers[id(bound.layer)] = bound.layer
-                entry = table[key] = self._compile(bound, kind, mode, output, score_fn)
+                entry = table[key] = self._compile(bound, kind, mode, output, score_fn, score)
         if isinstance(entry, str):
             return None, (*key, score_fn), entry
         return entry, (*key, score_fn), ""
@@ -943,6 +1324,7 @@ class _Functions:
         mode: str | None,
         output: int | str | None,
         score_fn: Callable[[Any], Any] | None,
+        score: str,
     ) -> Any:
         import tensorflow as tf
 
@@ -958,6 +1340,7 @@ class _Functions:
                 mode,
                 output,
                 None if score_fn is None else weakref.ref(score_fn),
+                score,
             )
         elif kind == "outputs":
             traced = _traced_outputs(this, output)
@@ -1003,6 +1386,7 @@ def _traced_gradients(
     mode: str,
     output: int | str | None,
     score_fn: weakref.ref[Callable[[Any], Any]] | None,
+    score: str = "output",
 ) -> Callable[[Any, Any], dict[str, Any]]:
     """What a compiled (guided, if ``layer`` is None) gradients function traces.
 
@@ -1010,7 +1394,8 @@ def _traced_gradients(
     ``outputs``, and ``activations`` (the layer's output), ``ids`` (the class ids it
     chose, for the predicted class and ``"all"``), or for guided backpropagation ``relus``
     and ``kinds`` (the ReLUs it guided and the other nonlinearities' kinds: constants of
-    the trace). Any failure raises; the caller then runs the call eagerly.
+    the trace). ``score`` is ``Targets.score`` (see :func:`_class_scores`). Any failure
+    raises; the caller then runs the call eagerly.
     """
     import tensorflow as tf
 
@@ -1032,7 +1417,7 @@ def _traced_gradients(
                 restore()
             source = x if layer is None else _recorded_output(record, layer_name, traced=True)
             outputs = _chosen_tensor(outputs, output)
-            scores, ids = _traced_scores(outputs, mode, classes, score_fn)
+            scores, ids = _traced_scores(outputs, mode, classes, score_fn, score)
             columns = tf.unstack(scores, axis=1) if scores.shape[1] > 1 else [scores]
         gradients = _backward(tape, scores, columns, source, layer_name)
         result = {
@@ -1100,16 +1485,20 @@ def _traced_scores(
     mode: str,
     classes: Any,
     score_fn: weakref.ref[Callable[[Any], Any]] | None,
+    score: str = "output",
 ) -> tuple[Any, Any]:
     """``(N, T)`` scores and, for the predicted class and ``"all"``, the class ids chosen.
 
     Explicit class ids are clipped to the output's classes so that the graph never fails
     on them; the caller validates them against the output's shape afterwards (the
-    TargetError of the eager path).
+    TargetError of the eager path). ``score`` is ``Targets.score`` (see
+    :func:`_class_scores`); the predicted class is the arg-max of the raw outputs.
     """
     import tensorflow as tf
 
     n = outputs.shape[0]
+    if mode == "score" and score != "output":
+        raise TargetError(f"score={score!r} needs class targets, not a target function")
     if mode == "score":
         fn = None if score_fn is None else score_fn()
         assert fn is not None  # the caller holds the target function
@@ -1129,7 +1518,7 @@ def _traced_scores(
         chosen = ids
     else:
         chosen = tf.clip_by_value(classes, 0, num_classes - 1)
-    return tf.gather(outputs, chosen, axis=1, batch_dims=1), ids
+    return tf.gather(_class_scores(outputs, score), chosen, axis=1, batch_dims=1), ids
 
 
 def _class_tensor(targets: Targets) -> Any:
@@ -1288,6 +1677,60 @@ def _backward(tape: Any, scores: Any, columns: list[Any], activations: Any, laye
     if any(row is None for row in rows):
         raise _disconnected(layer_name)
     return tf.stack(rows, axis=1)
+
+
+def _backward_all(
+    tape: Any, scores: Any, columns: list[Any], sources: list[Any], layer_names: list[str]
+) -> list[Any]:
+    """``(N, T, *source_shape)`` gradients of ``scores`` (N, T) w.r.t. each of ``sources``.
+
+    Like :func:`_backward`, for several tensors of one forward: up to 16 targets, one
+    backward pass per target differentiates all of them at once; above, pfor's batch
+    Jacobian per tensor. ``layer_names`` name the sources in order; a source beyond them
+    is the model's input.
+    """
+    import tensorflow as tf
+
+    names = [*layer_names, *(["the input"] * (len(sources) - len(layer_names)))]
+    if len(columns) > _PFOR_FROM_TARGETS:
+        return [
+            _backward(tape, scores, columns, source, name)
+            for source, name in zip(sources, names, strict=True)
+        ]
+    rows = [tape.gradient(column, sources) for column in columns]
+    for i, name in enumerate(names):
+        if rows[0][i] is None:
+            if i >= len(layer_names):
+                raise InputError(
+                    "the target scores do not depend on the input, so there are no input "
+                    "gradients; check the target (a callable target must use the outputs)."
+                )
+            raise _disconnected(name)
+    return [tf.stack([row[i] for row in rows], axis=1) for i in range(len(sources))]
+
+
+def _float32(tensor: Any, what: str) -> np.ndarray:
+    """``tensor`` as float32 NumPy, or :class:`NonFiniteError` naming ``what``."""
+    import tensorflow as tf
+
+    array = tf.cast(tensor, tf.float32).numpy()
+    check_finite(array, what)
+    return array
+
+
+def _check_differentiable_input(x: Any, what: str) -> None:
+    """Raise :class:`InputError` unless ``x`` is one floating-point tensor ``what`` can use."""
+    import tensorflow as tf
+
+    if not isinstance(x, tf.Tensor):
+        raise InputError(
+            f"{what} differentiates one input tensor; this model takes several inputs."
+        )
+    if not x.dtype.is_floating:
+        raise InputError(
+            f"{what} differentiates the input, which has dtype {x.dtype.name}; pass "
+            "floating-point input."
+        )
 
 
 def _disconnected(layer_name: str) -> LayerError:
@@ -1498,6 +1941,12 @@ def _target_scores(outputs: Any, targets: Targets, layout: Layout) -> tuple[Any,
     import tensorflow as tf
 
     n = int(outputs.shape[0])
+    if targets.kind in ("score", "region") and targets.score == "rest":
+        what = "a callable target" if targets.kind == "score" else "mc.Region targets"
+        raise TargetError(
+            f"score='rest' is a score of (N, C) class outputs; {what} cannot use it: "
+            "pass class targets (None, ints, 'all'), or compute the score in the callable."
+        )
     if targets.kind == "score":
         assert targets.score_fn is not None
         scores = tf.convert_to_tensor(targets.score_fn(outputs))
@@ -1515,7 +1964,29 @@ def _target_scores(outputs: Any, targets: Targets, layout: Layout) -> tuple[Any,
         return scores, targets.class_ids(tuple(outputs.shape))
     values = tf.cast(outputs, tf.float32).numpy()
     class_ids = targets.class_ids(tuple(outputs.shape), values)
-    return tf.gather(outputs, class_ids, axis=1, batch_dims=1), class_ids
+    scores = _class_scores(outputs, targets.score)
+    return tf.gather(scores, class_ids, axis=1, batch_dims=1), class_ids
+
+
+def _class_scores(outputs: Any, score: str) -> Any:
+    """The ``(N, C)`` class scores the targets pick from: the outputs, or ShapleyCAM's.
+
+    ``score == "rest"``: ``2 z - logsumexp(z)`` over the classes of ``(N, C)`` outputs
+    ``z`` (see :func:`multicam.targets.rest_scores`); its arg-max is the outputs' own, so
+    the predicted class is taken from the raw outputs. Differentiable; also traced.
+    """
+    import tensorflow as tf
+
+    if score == "output":
+        return outputs
+    if score != "rest":
+        raise TargetError(f"score={score!r} is not understood; use 'output' or 'rest'.")
+    if outputs.shape.rank != 2:
+        raise TargetError(
+            f"score='rest' needs (N, C) class scores; the model's output has shape "
+            f"{tuple(outputs.shape)}."
+        )
+    return 2 * outputs - tf.reduce_logsumexp(outputs, axis=1, keepdims=True)
 
 
 def _guided_gate(y: Any) -> Any:
