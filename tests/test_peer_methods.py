@@ -4,7 +4,8 @@ Peer conventions, read from their source (pytorch-grad-cam 1.5.x ``pytorch_grad_
 torchcam ``torchcam/methods/``, SESS's authors' ``sess.py``), and how multicam differs;
 pytorch-grad-cam and torchcam need torchvision, which does not install beside the pinned
 torch here, so the comparisons below are against hand derivations of these conventions,
-and against scikit-learn where the peer calls it:
+and against scikit-learn where the peer calls it; the live comparisons with the peers
+themselves run in the peers environment (``test_peers_methods.py``):
 
 - CAM (torchcam ``CAM``): ``fc.weight[class_idx] @ A``, no ``1 / hw``: multicam's
   ``ClassActivationMap`` without ``head_weights`` sums the gradients, which on a GAP +

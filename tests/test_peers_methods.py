@@ -28,6 +28,19 @@ Conventions, read from the peers' source, and how the comparisons compensate:
    ``nn.MultiheadAttention`` through a ``self_attention`` child (multicam names the module
    itself), drops ``prefix_tokens=1`` keys as multicam drops the class token, and
    normalises ``(x - min) / (max + 1e-8)`` at the grid's size (multicam: ``size=None``).
+5. pytorch-grad-cam normalises each layer's map before resizing it to the input, multicam
+   after resizing; the other methods are compared on a net whose layers keep the input's
+   8x8 resolution, where the orders agree, so what is compared is the method itself.
+6. pytorch-grad-cam's Grad-CAM++ adds ``1e-6`` to the denominator of alpha and
+   ``scale_cam_image`` adds ``1e-7`` to the maximum; the net's head is scaled up so that
+   the gradients dwarf both. RefineCAM multiplies two Grad-CAM++ maps that agree to 2e-5
+   (float32 round-off in alpha), so its product agrees to 1e-4. KPCA-CAM: the peer runs
+   scikit-learn's KernelPCA on float32 activations, multicam in float64 (5e-5).
+7. torchcam's ``CAM`` normalises the signed map without a ReLU: multicam's
+   ``ClassActivationMap(...)(relu=False)``. torchcam's ``FinerCAM`` (``gamma=0.6``, the
+   mean of the 3 closest classes) is multicam's ``weighting="mean", alpha=0.6``;
+   pytorch-grad-cam's with one comparison class is ``references=1`` (a softmax weight of 1,
+   differentiated or not). torchcam's ``ISCAM`` is multicam's (``path="cumulative"``).
 """
 
 from __future__ import annotations
@@ -196,3 +209,114 @@ def test_le_grad_equals_torchcam_at_the_last_block() -> None:
     ours = mc.LeGrad(net, ["blocks.1.self_attention"])(x, targets=classes, size=None, warn=False)
     np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=1e-6)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+# --- the methods built earlier, on a net whose layers keep the input's resolution --------
+
+
+def _full_resolution_net(head_scale: float = 100.0) -> Any:
+    """conv -> ReLU -> conv -> ReLU -> GAP -> linear on 8x8: no resize anywhere.
+
+    pytorch-grad-cam normalises each map before resizing it to the input, multicam after;
+    at the input's resolution the two orders are the same, so the comparison is the
+    methods' own.
+    """
+    torch.manual_seed(2)
+    nn = torch.nn
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+    with torch.no_grad():  # gradients well above the peers' epsilons (convention 6)
+        model[6].weight.mul_(head_scale)
+    return model
+
+
+def _pgc(method: Any, model: Any, layers: list[str], x: np.ndarray, targets: Any, **call: Any):
+    modules = dict(model.named_modules())
+    with method(model, [modules[name] for name in layers]) as cam:
+        return cam(torch.from_numpy(x), targets, **call)
+
+
+@needs_pgc
+def test_fem_and_kpca_cam_equal_pytorch_grad_cam() -> None:
+    from pytorch_grad_cam import FEM, KPCA_CAM
+
+    model = _full_resolution_net()
+    x = _x((3, 3, 8, 8), seed=4)
+    for ours_class, theirs_class, atol in ((mc.FEM, FEM, 1e-6), (mc.KPCACAM, KPCA_CAM, 5e-5)):
+        theirs = _pgc(theirs_class, model, ["3"], x, None)
+        ours = ours_class(model, "3")(x, warn=False)
+        np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=atol)
+
+
+@needs_pgc
+def test_finer_cam_with_one_comparison_equals_pytorch_grad_cam() -> None:
+    """One comparison class: the softmax weight is 1, differentiated or not (docstring)."""
+    from pytorch_grad_cam import FinerCAM
+
+    model = _full_resolution_net()
+    x = _x((3, 3, 8, 8), seed=5)
+    modules = dict(model.named_modules())
+    with FinerCAM(model, [modules["3"]]) as cam:
+        theirs = cam(torch.from_numpy(x), comparison_categories=[1], alpha=0.8)
+    ours = mc.FinerCAM(model, "3", references=1, alpha=0.8)(x, warn=False)
+    np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=1e-5)
+
+
+@needs_pgc
+def test_refine_cam_equals_pytorch_grad_cam() -> None:
+    from pytorch_grad_cam import RefineCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    model = _full_resolution_net(head_scale=1000.0)
+    x = _x((3, 3, 8, 8), seed=6)
+    classes = [0, 3, 4]
+    modules = dict(model.named_modules())
+    refine = RefineCAM(model, [modules["1"], modules["3"]])
+    theirs = refine(torch.from_numpy(x), [ClassifierOutputTarget(c) for c in classes])
+    ours = mc.RefineCAM(model, ["1", "3"])(x, targets=classes, warn=False)
+    np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=1e-4)  # convention 6
+
+
+def _torchcam(extractor: Any, x: np.ndarray, classes: list[int], **call: Any) -> np.ndarray:
+    with extractor as cam:
+        scores = cam.model(torch.from_numpy(x))
+        maps = cam(classes, scores, **call)
+    return maps[0].detach().numpy()
+
+
+@needs_torchcam
+def test_cam_and_finer_cam_equal_torchcam() -> None:
+    from torchcam.methods import CAM, FinerCAM, GradCAM
+
+    model = _full_resolution_net()
+    x = _x((3, 3, 8, 8), seed=7)
+    classes = [1, 4, 2]
+    theirs = _torchcam(CAM(model, "3", fc_layer="6", input_shape=(3, 8, 8)), x, classes)
+    ours = mc.ClassActivationMap(model, "3")(x, targets=classes, size=None, relu=False, warn=False)
+    np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=1e-5)  # convention 7
+
+    finer = FinerCAM(model, "3", input_shape=(3, 8, 8), base_method=GradCAM)
+    theirs = _torchcam(finer, x, classes)
+    ours = mc.FinerCAM(model, "3", weighting="mean", alpha=0.6)(
+        x, targets=classes, size=None, warn=False
+    )
+    np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=1e-5)
+
+
+@needs_torchcam
+def test_is_cam_equals_torchcam() -> None:
+    from torchcam.methods import ISCAM
+
+    model = _full_resolution_net()
+    x = _x((2, 3, 8, 8), seed=8)
+    classes = [2, 0]
+    theirs = _torchcam(ISCAM(model, "3", input_shape=(3, 8, 8)), x, classes)
+    ours = mc.ISCAM(model, "3")(x, targets=classes, size=None, warn=False)
+    np.testing.assert_allclose(ours.maps[:, 0], theirs, atol=1e-5)
