@@ -1550,7 +1550,7 @@ class ShapleyCAM(CAM):
     def _signed(
         self, inputs: Any, targets: Targets, eigen_smooth: bool, warn: bool, native: bool = False
     ) -> _Pass:
-        targets = dataclasses.replace(targets, score=self.score)
+        targets = dataclasses.replace(targets, score="rest" if self.score == "rest" else "output")
         layer_gradients, products = self.bound.hessian_vector_products(inputs, targets)
         grid, layer_layout, dropped = self._to_grid(layer_gradients, warn)
         # The same reshaping for H A: layout and token grid are decided by the activations.

@@ -611,16 +611,16 @@ class TorchBoundModel(BoundModel):
             def before(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
                 if threading.get_ident() != owner:
                     return None
-                args, kwargs = list(args), dict(kwargs)
+                given, options = list(args), dict(kwargs)
                 asked.append(
                     (
-                        bool(_argument(args, kwargs, 4, "need_weights", True)),
-                        bool(_argument(args, kwargs, 6, "average_attn_weights", True)),
+                        bool(_argument(given, options, 4, "need_weights", True)),
+                        bool(_argument(given, options, 6, "average_attn_weights", True)),
                     )
                 )
-                _set_argument(args, kwargs, 4, "need_weights", True)
-                _set_argument(args, kwargs, 6, "average_attn_weights", False)
-                return tuple(args), kwargs
+                _set_argument(given, options, 4, "need_weights", True)
+                _set_argument(given, options, 6, "average_attn_weights", False)
+                return tuple(given), options
 
             def after(module: Any, args: Any, kwargs: dict[str, Any], output: Any) -> Any:
                 if threading.get_ident() != owner:
@@ -672,14 +672,14 @@ class TorchBoundModel(BoundModel):
                 )
             grads = _batched_vjp_many(scores, wrt, keep_saved=keep_saved)
         arrays = [grad.detach().float().cpu().numpy() for grad in grads]
-        tensors = {name: t[0].detach().float().cpu().numpy() for name, t in recorded.items()}
+        values = {name: t[0].detach().float().cpu().numpy() for name, t in recorded.items()}
         gradients = dict(zip(recorded, arrays, strict=False))
         for name in recorded:
             check_finite(gradients[name], f"the gradients at layer {name!r}")
         score_array = scores.detach().float().cpu().numpy()
         check_finite(score_array, "the target scores")
         return TensorGradients(
-            tensors=tensors,
+            tensors=values,
             gradients=gradients,
             scores=score_array,
             targets=classes,
@@ -1050,9 +1050,10 @@ def _batched_vjp_many(
     """
     n_targets = scores.shape[1]
     try:
+        grads: tuple[torch.Tensor | None, ...]
         if n_targets == 1:
-            grads = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
-            grads = tuple(None if g is None else g.unsqueeze(1) for g in grads)
+            single = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
+            grads = tuple(None if g is None else g.unsqueeze(1) for g in single)
         else:
             basis = torch.eye(n_targets, dtype=scores.dtype, device=scores.device)
             cotangents = basis[:, None, :].expand(n_targets, scores.shape[0], n_targets)
@@ -1076,7 +1077,9 @@ def _batched_vjp_many(
                     for t in range(n_targets)
                 ]
                 grads = tuple(
-                    None if column[0] is None else torch.stack(list(column), 1)
+                    None
+                    if column[0] is None
+                    else torch.stack([c for c in column if c is not None], 1)
                     for column in zip(*columns, strict=True)
                 )
     except RuntimeError as exc:
