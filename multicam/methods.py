@@ -566,57 +566,11 @@ class SmoothGradCAMPlusPlus(GradCAMPlusPlus):
 
 
 class _SmoothedScoreCAM(ScoreCAM):
-    """Score-CAM whose channel score is the mean over ``num_samples`` variants of the mask."""
+    """Score-CAM whose channel score is the mean over ``num_samples`` variants of the mask.
 
-    num_samples: int
-
-    def _variants(self, masks: np.ndarray, samples: np.ndarray, channels: np.ndarray) -> np.ndarray:
-        """``(M, D, *S)`` variants of the ``(M, *S)`` masks of (sample, channel) pairs."""
-        raise NotImplementedError
-
-    def perturbation_weights(
-        self, x: np.ndarray, layer_gradients: LayerGradients, batch_size: int
-    ) -> np.ndarray:
-        activations = layer_gradients.activations
-        classes = layer_gradients.targets
-        assert classes is not None
-        size = layer_gradients.input_spatial_shape
-        if size is None:
-            raise InputError(
-                f"{type(self).__name__} masks the input with the layer's maps, so the input "
-                f"needs as many spatial dims as the layer's output {activations.shape[2:]}; "
-                f"got input shape {x.shape}."
-            )
-        n, k = activations.shape[:2]
-        d = self.num_samples
-        channel_axis = _channel_axis(self.bound.layout, x.ndim)
-        scores = np.zeros((n, k, classes.shape[1]), np.float64)
-        pairs = max(1, batch_size // d)  # pairs per chunk; their d variants each
-        for start in range(0, n * k, pairs):
-            flat = np.arange(start, min(start + pairs, n * k))
-            samples, channels = flat // k, flat % k
-            masks = algebra.resize(activations[samples, channels], size, "linear")
-            masks = algebra.normalize(masks, len(size))
-            variants = self._variants(masks, samples, channels)  # (M, D, *S)
-            rows = np.repeat(np.arange(len(samples)), d)
-            variants = variants.reshape(len(samples) * d, *size)
-            for first in range(0, len(rows), batch_size):
-                part = slice(first, first + batch_size)
-                masked = x[samples[rows[part]]] * np.expand_dims(variants[part], channel_axis)
-                outputs = self.bound.outputs(masked.astype(x.dtype, copy=False), self.output)
-                if self.weighting == "baseline":
-                    outputs = _softmax(outputs, 1)
-                chosen = self._target_scores(outputs, classes[samples[rows[part]]])
-                np.add.at(scores, (samples[rows[part]], channels[rows[part]]), chosen)
-        scores = np.moveaxis(scores / d, 1, 2)  # (N, T, K)
-        if self.weighting == "softmax":
-            return _softmax(scores, 2).astype(np.float32)
-        baseline = np.empty(classes.shape, np.float64)
-        for start in range(0, n, batch_size):
-            rows_ = slice(start, start + batch_size)
-            outputs = self.bound.outputs(np.zeros_like(x[rows_]), self.output)
-            baseline[rows_] = self._target_scores(_softmax(outputs, 1), classes[rows_])
-        return (scores - baseline[:, :, None]).astype(np.float32)
+    Subclasses set ``num_samples`` and override :meth:`ScoreCAM._variants`; the masked
+    passes, their chunking and the weighting are Score-CAM's own.
+    """
 
 
 class SSCAM(_SmoothedScoreCAM):

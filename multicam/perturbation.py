@@ -216,6 +216,14 @@ class ScoreCAM(_Perturbation):
         self.weighting = weighting
         super().__init__(model, layer, batch_size=batch_size, backend=backend, **options)
 
+    #: How many variants of each mask the channel's score averages over (1: the mask);
+    #: the smoothed Score-CAMs of :mod:`multicam.methods` override it and :meth:`_variants`.
+    num_samples: int = 1
+
+    def _variants(self, masks: np.ndarray, samples: np.ndarray, channels: np.ndarray) -> np.ndarray:
+        """``(M, D, *S)`` variants of the ``(M, *S)`` masks of (sample, channel) pairs."""
+        return masks[:, None]
+
     def perturbation_weights(
         self, x: np.ndarray, layer_gradients: LayerGradients, batch_size: int
     ) -> np.ndarray:
@@ -225,31 +233,38 @@ class ScoreCAM(_Perturbation):
         size = layer_gradients.input_spatial_shape
         if size is None:
             raise InputError(
-                f"ScoreCAM masks the input with the layer's maps, so the input needs as many "
-                f"spatial dims as the layer's output {activations.shape[2:]}; got input "
-                f"shape {x.shape}."
+                f"{type(self).__name__} masks the input with the layer's maps, so the input "
+                f"needs as many spatial dims as the layer's output {activations.shape[2:]}; "
+                f"got input shape {x.shape}."
             )
         n, k = activations.shape[:2]
-        spatial = len(size)
+        d = self.num_samples
         channel_axis = 1 if self.bound.layout == "channels_first" else x.ndim - 1
-        scores = np.empty((n, k, classes.shape[1]), np.float64)
-        for samples, channels in _chunks(n, k, batch_size):
+        scores = np.zeros((n, k, classes.shape[1]), np.float64)
+        # (sample, channel) pairs per chunk, each with its d variants: at most batch_size
+        # masked inputs per forward pass.
+        for samples, channels in _chunks(n, k, max(1, batch_size // d)):
             masks = algebra.resize(activations[samples, channels], size, "linear")
-            masks = np.expand_dims(algebra.normalize(masks, spatial), channel_axis)
-            outputs = self.bound.outputs(
-                (x[samples] * masks).astype(x.dtype, copy=False), self.output
-            )
-            if self.weighting == "baseline":
-                outputs = _softmax(outputs, 1)
-            scores[samples, channels] = self._target_scores(outputs, classes[samples])
-        scores = np.moveaxis(scores, 1, 2)  # (N, T, K)
+            masks = algebra.normalize(masks, len(size))
+            variants = self._variants(masks, samples, channels)  # (M, D, *S)
+            rows = np.repeat(np.arange(len(samples)), d)
+            variants = variants.reshape(len(samples) * d, *size)
+            for first in range(0, len(rows), batch_size):
+                part = slice(first, first + batch_size)
+                masked = x[samples[rows[part]]] * np.expand_dims(variants[part], channel_axis)
+                outputs = self.bound.outputs(masked.astype(x.dtype, copy=False), self.output)
+                if self.weighting == "baseline":
+                    outputs = _softmax(outputs, 1)
+                chosen = self._target_scores(outputs, classes[samples[rows[part]]])
+                np.add.at(scores, (samples[rows[part]], channels[rows[part]]), chosen)
+        scores = np.moveaxis(scores / d, 1, 2)  # (N, T, K)
         if self.weighting == "softmax":
             return _softmax(scores, 2).astype(np.float32)
         baseline = np.empty(classes.shape, np.float64)
         for start in range(0, n, batch_size):
-            rows = slice(start, start + batch_size)
-            outputs = self.bound.outputs(np.zeros_like(x[rows]), self.output)
-            baseline[rows] = self._target_scores(_softmax(outputs, 1), classes[rows])
+            rows_ = slice(start, start + batch_size)
+            outputs = self.bound.outputs(np.zeros_like(x[rows_]), self.output)
+            baseline[rows_] = self._target_scores(_softmax(outputs, 1), classes[rows_])
         return (scores - baseline[:, :, None]).astype(np.float32)
 
 
