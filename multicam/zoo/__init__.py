@@ -15,6 +15,10 @@ Conventions, identical in every framework:
 - A layer's canonical name is its dotted path, e.g. ``"features.relu4"``;
   :func:`layer_name` gives each framework's spelling (``"features/relu4"`` in Keras and
   linen).
+- Transformers (:data:`TRANSFORMER_ARCHITECTURES`) work on token sequences ``(N, L, D)``,
+  batch first in every framework: layer normalisation over the last axis with
+  ``eps = 1e-5``, exact (erf) GELU, attention written out with its softmax as a named layer
+  whose output is the attention probabilities ``(N, heads, Q, K)``.
 
 Example:
     >>> from multicam import zoo
@@ -37,19 +41,27 @@ __all__ = [
     "ARCHITECTURES",
     "BENCHMARK_ARCHITECTURES",
     "SEGMENTATION_ARCHITECTURES",
+    "TRANSFORMER_ARCHITECTURES",
     "explainer",
     "installed_frameworks",
     "FRAMEWORKS",
     "Architecture",
+    "Attention",
     "BatchNorm",
+    "ClassToken",
     "Conv",
     "Dense",
     "Dropout",
     "Flatten",
+    "GELU",
     "GlobalAvgPool",
+    "LayerNorm",
     "ReLU",
     "Residual",
+    "Softmax",
     "Stage",
+    "Tokens",
+    "TransformerBlock",
     "build",
     "example_input",
     "init_weights",
@@ -57,6 +69,7 @@ __all__ = [
 ]
 
 BN_EPS = 1e-5
+LN_EPS = 1e-5
 
 FRAMEWORKS = ("torch", "keras", "flax", "nnx")
 """Frameworks :func:`build` knows: PyTorch, Keras 3, Flax linen, Flax nnx."""
@@ -92,11 +105,17 @@ class ReLU:
 
 @dataclass(frozen=True)
 class Dense:
-    """Fully connected layer, kernel ``(in, out)``."""
+    """Fully connected layer, kernel ``(in, out)``, on the last axis.
+
+    ``gain`` multiplies the standard deviation of its random kernel in
+    :func:`init_weights` (e.g. a larger one for attention's ``qkv``, so that the softmax
+    is peaked).
+    """
 
     name: str
     in_features: int
     out_features: int
+    gain: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -138,7 +157,105 @@ class Residual:
     shortcut: tuple[Layer, ...] = ()
 
 
-Layer = Conv | BatchNorm | ReLU | Dense | Flatten | Dropout | GlobalAvgPool | Stage | Residual
+@dataclass(frozen=True)
+class LayerNorm:
+    """Layer normalisation over the last axis, learned ``scale`` and ``bias``, ``eps = 1e-5``."""
+
+    name: str
+    features: int
+
+
+@dataclass(frozen=True)
+class GELU:
+    """A named exact GELU, ``x * Phi(x)`` with the normal CDF ``Phi`` (erf, not tanh)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Softmax:
+    """Softmax over the last axis as a named layer, so that its output can be observed."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Patch tokens from a channels-last grid: ``(N, *grid, D) -> (N, 1 + prod(grid), D)``.
+
+    Flattens the grid in row-major order, prepends a learned class token ``cls_token``
+    ``(D,)`` and adds a learned positional embedding ``pos_embed`` ``(1 + prod(grid), D)``.
+    """
+
+    name: str
+    grid: tuple[int, ...]
+    dim: int
+
+
+@dataclass(frozen=True)
+class ClassToken:
+    """The class token of a token sequence: ``(N, L, D) -> (N, D)``, i.e. ``x[:, 0]``."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Multi-head self-attention, written out: ``proj(softmax(q k^T / sqrt(d)) v)``.
+
+    On ``(N, L, D)`` tokens. Its layers (see :attr:`layers`): ``qkv``, a dense layer to
+    ``3 D`` whose output splits as ``(3, heads, D / heads)`` (timm's order), ``softmax``
+    over the keys, whose output is the attention probabilities ``(N, heads, Q, K)``, and
+    ``proj``, a dense layer on the heads' outputs concatenated.
+    """
+
+    name: str
+    dim: int
+    heads: int
+    qkv_gain: float = 1.5
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        """The named layers inside, in order: ``qkv``, ``softmax``, ``proj``."""
+        return (
+            Dense("qkv", self.dim, 3 * self.dim, gain=self.qkv_gain),
+            Softmax("softmax"),
+            Dense("proj", self.dim, self.dim),
+        )
+
+
+@dataclass(frozen=True)
+class TransformerBlock:
+    """A pre-norm transformer block: ``x = x + attention(x)``, then ``x = x + mlp(x)``.
+
+    ``attention`` and ``mlp`` are the two residual branches (e.g. layer norm and
+    :class:`Attention`; layer norm and a :class:`Stage` of dense, GELU, dense), their
+    layers direct children of the block; the block's output is the second sum.
+    """
+
+    name: str
+    attention: tuple[Layer, ...]
+    mlp: tuple[Layer, ...]
+
+
+Layer = (
+    Conv
+    | BatchNorm
+    | ReLU
+    | Dense
+    | Flatten
+    | Dropout
+    | GlobalAvgPool
+    | Stage
+    | Residual
+    | LayerNorm
+    | GELU
+    | Softmax
+    | Tokens
+    | ClassToken
+    | Attention
+    | TransformerBlock
+)
 
 
 @dataclass(frozen=True)
@@ -150,8 +267,12 @@ class Architecture:
         input_shape: one sample, channels-last: ``(*S, C)``.
         num_classes: width of the output logits.
         layers: the network, in order.
-        cam_layers: canonical names of the layers with spatial output, for Grad-CAM.
+        cam_layers: canonical names of the layers with spatial output, for Grad-CAM; for a
+            transformer, layers whose output is tokens ``(N, L, D)``, explained with
+            ``reshape=token_grid``.
         description: one line.
+        token_grid: for a transformer, the grid its patch tokens form (after the class
+            token), e.g. ``(4, 4)``; ``None`` otherwise.
     """
 
     name: str
@@ -160,6 +281,7 @@ class Architecture:
     layers: tuple[Layer, ...]
     cam_layers: tuple[str, ...]
     description: str = field(default="", compare=False)
+    token_grid: tuple[int, ...] | None = None
 
 
 def _digits_cnn() -> Architecture:
@@ -342,6 +464,52 @@ SEGMENTATION_ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch 
 """Networks whose output is a map of class scores (N, C, *S), for :class:`multicam.Region`
 targets; kept out of :data:`ARCHITECTURES`, whose tests use class targets."""
 
+
+def _tiny_vit() -> Architecture:
+    """A vision transformer: 4x4 patches of a 16x16x3 image, 2 pre-norm blocks, 10 classes.
+
+    Width 16, 2 heads, MLP width 32; the class token after the final layer norm feeds the
+    head. Every block's attention softmax is a layer, ``"blocks.<i>.attn.softmax"``. Its
+    Grad-CAM layers end at the last block's ``norm1`` (the usual choice): after the last
+    block's attention only the class token reaches the head (layer norm acts per token), so
+    the patch tokens of ``"blocks.1"`` have zero gradients and blank maps.
+    """
+    dim, heads, hidden, grid = 16, 2, 32, (4, 4)
+
+    def block(name: str) -> TransformerBlock:
+        return TransformerBlock(
+            name,
+            attention=(LayerNorm("norm1", dim), Attention("attn", dim, heads)),
+            mlp=(
+                LayerNorm("norm2", dim),
+                Stage("mlp", (Dense("fc1", dim, hidden), GELU("act"), Dense("fc2", hidden, dim))),
+            ),
+        )
+
+    layers = (
+        Conv("patch_embed", 3, dim, kernel=4, stride=4),
+        Tokens("tokens", grid, dim),
+        Stage("blocks", (block("0"), block("1"))),
+        LayerNorm("norm", dim),
+        ClassToken("pool"),
+        Dense("head", dim, 10),
+    )
+    return Architecture(
+        "tiny_vit",
+        (16, 16, 3),
+        10,
+        layers,
+        ("tokens", "blocks.0", "blocks.1.norm1"),
+        "a vision transformer: 4x4 patches, class token, 2 pre-norm blocks of 2 heads",
+        token_grid=grid,
+    )
+
+
+TRANSFORMER_ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (_tiny_vit(),)}
+"""Networks on token sequences ``(N, L, D)``: their :attr:`~Architecture.cam_layers` are
+explained with ``reshape=`` :attr:`~Architecture.token_grid`; kept out of
+:data:`ARCHITECTURES`, whose tests expect layers with spatial outputs."""
+
 BENCHMARK_ARCHITECTURES: dict[str, Architecture] = {arch.name: arch for arch in (_resnet50(),)}
 """Large networks for :mod:`multicam.bench`; kept out of :data:`ARCHITECTURES`, which the
 agreement tests iterate. :func:`build`, :func:`init_weights` and :func:`example_input`
@@ -353,11 +521,14 @@ def iter_layers(layers: tuple[Layer, ...], prefix: str = "") -> Iterator[tuple[s
     for layer in layers:
         name = prefix + layer.name
         yield name, layer
-        if isinstance(layer, Stage):
+        if isinstance(layer, Stage | Attention):
             yield from iter_layers(layer.layers, name + ".")
         elif isinstance(layer, Residual):
             yield from iter_layers(layer.body, name + ".")
             yield from iter_layers(layer.shortcut, name + ".")
+        elif isinstance(layer, TransformerBlock):
+            yield from iter_layers(layer.attention, name + ".")
+            yield from iter_layers(layer.mlp, name + ".")
 
 
 def _architecture(arch: str | Architecture) -> Architecture:
@@ -366,10 +537,18 @@ def _architecture(arch: str | Architecture) -> Architecture:
     found = (
         ARCHITECTURES.get(arch)
         or SEGMENTATION_ARCHITECTURES.get(arch)
+        or TRANSFORMER_ARCHITECTURES.get(arch)
         or BENCHMARK_ARCHITECTURES.get(arch)
     )
     if found is None:
-        known = sorted([*ARCHITECTURES, *SEGMENTATION_ARCHITECTURES, *BENCHMARK_ARCHITECTURES])
+        known = sorted(
+            [
+                *ARCHITECTURES,
+                *SEGMENTATION_ARCHITECTURES,
+                *TRANSFORMER_ARCHITECTURES,
+                *BENCHMARK_ARCHITECTURES,
+            ]
+        )
         raise KeyError(f"unknown architecture {arch!r}; known: {known}")
     return found
 
@@ -377,12 +556,14 @@ def _architecture(arch: str | Architecture) -> Architecture:
 def init_weights(arch: str | Architecture, seed: int = 0) -> dict[str, np.ndarray]:
     """Random float32 weights for ``arch``, reproducible from ``seed``.
 
-    He-normal kernels, small random biases, and BatchNorm statistics away from the identity
-    so that every parameter matters in agreement tests.
+    He-normal kernels (times :attr:`Dense.gain`), small random biases, and BatchNorm and
+    layer norm parameters away from the identity so that every parameter matters in
+    agreement tests.
 
     Returns:
         ``{"<dotted layer name>.<param>": array}`` with params ``kernel``, ``bias`` (conv,
-        dense) and ``scale``, ``bias``, ``mean``, ``var`` (BatchNorm).
+        dense), ``scale``, ``bias``, ``mean``, ``var`` (BatchNorm), ``scale``, ``bias``
+        (layer norm) and ``cls_token``, ``pos_embed`` (:class:`Tokens`).
     """
     rng = np.random.default_rng(seed)
     weights: dict[str, np.ndarray] = {}
@@ -394,13 +575,21 @@ def init_weights(arch: str | Architecture, seed: int = 0) -> dict[str, np.ndarra
             weights[f"{name}.bias"] = rng.normal(0, 0.05, layer.out_channels)
         elif isinstance(layer, Dense):
             shape = (layer.in_features, layer.out_features)
-            weights[f"{name}.kernel"] = rng.normal(0, np.sqrt(2 / layer.in_features), shape)
+            std = layer.gain * np.sqrt(2 / layer.in_features)
+            weights[f"{name}.kernel"] = rng.normal(0, std, shape)
             weights[f"{name}.bias"] = rng.normal(0, 0.05, layer.out_features)
         elif isinstance(layer, BatchNorm):
             weights[f"{name}.scale"] = rng.uniform(0.5, 1.5, layer.channels)
             weights[f"{name}.bias"] = rng.normal(0, 0.1, layer.channels)
             weights[f"{name}.mean"] = rng.normal(0, 0.1, layer.channels)
             weights[f"{name}.var"] = rng.uniform(0.5, 1.5, layer.channels)
+        elif isinstance(layer, LayerNorm):
+            weights[f"{name}.scale"] = rng.uniform(0.5, 1.5, layer.features)
+            weights[f"{name}.bias"] = rng.normal(0, 0.1, layer.features)
+        elif isinstance(layer, Tokens):
+            weights[f"{name}.cls_token"] = rng.normal(0, 1.0, layer.dim)
+            tokens = 1 + int(np.prod(layer.grid))
+            weights[f"{name}.pos_embed"] = rng.normal(0, 0.5, (tokens, layer.dim))
     return {key: value.astype(np.float32) for key, value in weights.items()}
 
 
@@ -422,7 +611,9 @@ def build(
     """Build ``arch`` in ``framework`` with ``weights`` (default: ``init_weights(arch)``).
 
     Args:
-        arch: an :data:`ARCHITECTURES` key or an :class:`Architecture`.
+        arch: an :class:`Architecture` or the name of one (a key of :data:`ARCHITECTURES`,
+            :data:`SEGMENTATION_ARCHITECTURES`, :data:`TRANSFORMER_ARCHITECTURES` or
+            :data:`BENCHMARK_ARCHITECTURES`).
         framework: ``"torch"`` (an ``nn.Module`` in eval mode), ``"keras"`` (a Keras 3
             model), ``"flax"`` (a ``(linen_module, variables)`` pair) or ``"nnx"`` (an
             ``nnx.Module`` in eval mode).
@@ -465,6 +656,7 @@ def explainer(
     layer: str,
     weights: dict[str, np.ndarray] | None = None,
     method: type | None = None,
+    **options: Any,
 ) -> Any:
     """``arch`` built in ``framework`` and bound to the canonical ``layer``.
 
@@ -474,6 +666,8 @@ def explainer(
         layer: a canonical dotted layer name, e.g. ``"features.relu4"``.
         weights: as for :func:`build`.
         method: the explainer class, default :class:`multicam.GradCAM`.
+        **options: passed to the explainer, e.g. ``reshape=(4, 4)`` for a transformer's
+            token layer.
 
     Returns:
         The explainer, e.g. a ``GradCAM``; call it with a batch in ``framework``'s layout.
@@ -481,7 +675,6 @@ def explainer(
     from ..cam import GradCAM
 
     model = build(arch, framework, weights)
-    options: dict[str, Any] = {}
     if framework == "flax":
         model, options["variables"] = model
     return (method or GradCAM)(model, layer_name(layer, framework), **options)

@@ -11,10 +11,19 @@ is a submodule named after it, the layers inside are named by the spec.
 - nnx: every layer, ReLUs included, is a small module held as an attribute, so
   ``"features.relu4"`` is an attribute path. Built in eval mode (BatchNorm on running
   statistics, dropout off).
+
+Transformers: in both, a :class:`~multicam.zoo.TransformerBlock` is a submodule whose
+output is its second residual sum (``"blocks/0"``, ``"blocks.0"``), an
+:class:`~multicam.zoo.Attention` a submodule with submodules ``qkv``, ``softmax`` (a
+:class:`LinenSoftmax` / :class:`NnxSoftmax`, whose output is the attention probabilities
+``(N, heads, Q, K)``) and ``proj``. A GELU is exact (``approximate=False``, not flax's tanh
+default) and, like a ReLU, a perturbation in linen and a module in nnx; layer norms use
+``eps = 1e-5`` (flax's default is 1e-6) and the two-pass variance.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -25,17 +34,25 @@ from flax import nnx as fnnx
 
 from . import (
     BN_EPS,
+    GELU,
+    LN_EPS,
     Architecture,
+    Attention,
     BatchNorm,
+    ClassToken,
     Conv,
     Dense,
     Dropout,
     Flatten,
     GlobalAvgPool,
     Layer,
+    LayerNorm,
     ReLU,
     Residual,
+    Softmax,
     Stage,
+    Tokens,
+    TransformerBlock,
 )
 
 __all__ = ["build"]
@@ -47,6 +64,35 @@ def _flatten(x: jax.Array) -> jax.Array:
 
 def _global_avg_pool(x: jax.Array) -> jax.Array:
     return x.mean(axis=tuple(range(1, x.ndim - 1)))
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _softmax(x: jax.Array) -> jax.Array:
+    return jax.nn.softmax(x, axis=-1)
+
+
+def _class_token(x: jax.Array) -> jax.Array:
+    return x[:, 0]
+
+
+def _tokens(x: jax.Array, cls_token: jax.Array, pos_embed: jax.Array) -> jax.Array:
+    """``(N, *grid, D) -> (N, 1 + prod(grid), D)``: row-major tokens, class token, positions."""
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    cls = jnp.broadcast_to(cls_token.astype(x.dtype), (x.shape[0], 1, x.shape[-1]))
+    return jnp.concatenate([cls, tokens], axis=1) + pos_embed.astype(x.dtype)
+
+
+def _attention(x: jax.Array, heads: int, qkv: Any, softmax: Any, proj: Any) -> jax.Array:
+    """Multi-head self-attention on ``(N, L, D)`` with the given sub-layers."""
+    n, length, dim = x.shape
+    head_dim = dim // heads
+    packed = qkv(x).reshape(n, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    q, k, v = packed[0], packed[1], packed[2]
+    probs = softmax(q @ jnp.swapaxes(k, -1, -2) / math.sqrt(head_dim))
+    return proj((probs @ v).transpose(0, 2, 1, 3).reshape(n, length, dim))
 
 
 # --- linen -------------------------------------------------------------------------------
@@ -79,6 +125,20 @@ def _linen_layers(module: nn.Module, layers: tuple[Layer, ...], x: jax.Array) ->
             x = LinenSequence(layer.layers, name=layer.name)(x)
         elif isinstance(layer, Residual):
             x = LinenResidual(layer.body, layer.shortcut, name=layer.name)(x)
+        elif isinstance(layer, LayerNorm):
+            x = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name=layer.name)(x)
+        elif isinstance(layer, GELU):
+            x = module.perturb(layer.name, _gelu(x))
+        elif isinstance(layer, Softmax):
+            x = LinenSoftmax(name=layer.name)(x)
+        elif isinstance(layer, Tokens):
+            x = LinenTokens(int(np.prod(layer.grid)), layer.dim, name=layer.name)(x)
+        elif isinstance(layer, ClassToken):
+            x = _class_token(x)
+        elif isinstance(layer, Attention):
+            x = LinenAttention(layer, name=layer.name)(x)
+        elif isinstance(layer, TransformerBlock):
+            x = LinenTransformerBlock(layer.attention, layer.mlp, name=layer.name)(x)
         else:
             raise TypeError(f"unknown layer {layer!r}")
     return x
@@ -105,6 +165,56 @@ class LinenResidual(nn.Module):
         out = _linen_layers(self, self.body, x)
         skip = _linen_layers(self, self.shortcut, x)
         return nn.relu(out + skip)
+
+
+class LinenSoftmax(nn.Module):
+    """Softmax over the last axis as a module, so that its output has a module path."""
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _softmax(x)
+
+
+class LinenTokens(nn.Module):
+    """Row-major patch tokens, a class token and positions; params ``cls_token``, ``pos_embed``."""
+
+    tokens: int
+    dim: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cls_token = self.param("cls_token", nn.initializers.zeros, (self.dim,))
+        pos_embed = self.param("pos_embed", nn.initializers.zeros, (self.tokens + 1, self.dim))
+        return _tokens(x, cls_token, pos_embed)
+
+
+class LinenAttention(nn.Module):
+    """Self-attention with submodules ``qkv``, ``softmax`` and ``proj``."""
+
+    spec: Attention
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        qkv, softmax, proj = self.spec.layers
+        return _attention(
+            x,
+            self.spec.heads,
+            lambda y: _linen_layers(self, (qkv,), y),
+            lambda y: _linen_layers(self, (softmax,), y),
+            lambda y: _linen_layers(self, (proj,), y),
+        )
+
+
+class LinenTransformerBlock(nn.Module):
+    """``x = x + attention(x)``, then ``x = x + mlp(x)``; the second sum is the output."""
+
+    attention: tuple[Layer, ...]
+    mlp: tuple[Layer, ...]
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + _linen_layers(self, self.attention, x)
+        return x + _linen_layers(self, self.mlp, x)
 
 
 def _linen_variables(weights: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -142,6 +252,38 @@ class NnxGlobalAvgPool(fnnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return _global_avg_pool(x)
+
+
+class NnxGELU(fnnx.Module):
+    """An exact (erf) GELU as a module."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _gelu(x)
+
+
+class NnxSoftmax(fnnx.Module):
+    """Softmax over the last axis as a module, so that its output has an attribute path."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _softmax(x)
+
+
+class NnxClassToken(fnnx.Module):
+    """The class token: ``(N, L, D) -> (N, D)``."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _class_token(x)
+
+
+class NnxTokens(fnnx.Module):
+    """Row-major patch tokens, a class token and positions; params ``cls_token``, ``pos_embed``."""
+
+    def __init__(self, cls_token: np.ndarray, pos_embed: np.ndarray) -> None:
+        self.cls_token = fnnx.Param(jnp.asarray(cls_token))
+        self.pos_embed = fnnx.Param(jnp.asarray(pos_embed))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _tokens(x, self.cls_token.get_value(), self.pos_embed.get_value())
 
 
 def _init(value: np.ndarray) -> Any:
@@ -206,6 +348,27 @@ def _nnx_layer(
         return NnxSequence(layer.layers, name + ".", weights, rngs)
     if isinstance(layer, Residual):
         return NnxResidual(layer, name + ".", weights, rngs)
+    if isinstance(layer, LayerNorm):
+        return fnnx.LayerNorm(
+            layer.features,
+            epsilon=LN_EPS,
+            use_fast_variance=False,
+            scale_init=_init(weights[f"{name}.scale"]),
+            bias_init=_init(weights[f"{name}.bias"]),
+            rngs=rngs,
+        )
+    if isinstance(layer, GELU):
+        return NnxGELU()
+    if isinstance(layer, Softmax):
+        return NnxSoftmax()
+    if isinstance(layer, Tokens):
+        return NnxTokens(weights[f"{name}.cls_token"], weights[f"{name}.pos_embed"])
+    if isinstance(layer, ClassToken):
+        return NnxClassToken()
+    if isinstance(layer, Attention):
+        return NnxAttention(layer, name + ".", weights, rngs)
+    if isinstance(layer, TransformerBlock):
+        return NnxTransformerBlock(layer, name + ".", weights, rngs)
     raise TypeError(f"unknown layer {layer!r}")
 
 
@@ -248,6 +411,48 @@ class NnxResidual(fnnx.Module):
         for name in self.shortcut:
             skip = getattr(self, name)(skip)
         return jax.nn.relu(out + skip)
+
+
+class NnxAttention(fnnx.Module):
+    """Self-attention with attributes ``qkv``, ``softmax`` and ``proj``."""
+
+    def __init__(
+        self, spec: Attention, prefix: str, weights: dict[str, np.ndarray], rngs: fnnx.Rngs
+    ) -> None:
+        self.heads = spec.heads
+        qkv, softmax, proj = spec.layers
+        self.qkv = _nnx_layer(qkv, prefix, weights, rngs)
+        self.softmax = _nnx_layer(softmax, prefix, weights, rngs)
+        self.proj = _nnx_layer(proj, prefix, weights, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _attention(x, self.heads, self.qkv, self.softmax, self.proj)
+
+
+class NnxTransformerBlock(fnnx.Module):
+    """``x = x + attention(x)``, then ``x = x + mlp(x)``; the branches' layers as attributes."""
+
+    def __init__(
+        self,
+        block: TransformerBlock,
+        prefix: str,
+        weights: dict[str, np.ndarray],
+        rngs: fnnx.Rngs,
+    ) -> None:
+        self.branches = (
+            tuple(layer.name for layer in block.attention),
+            tuple(layer.name for layer in block.mlp),
+        )
+        for layer in (*block.attention, *block.mlp):
+            setattr(self, layer.name, _nnx_layer(layer, prefix, weights, rngs))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for names in self.branches:
+            branch = x
+            for name in names:
+                branch = getattr(self, name)(branch)
+            x = x + branch
+        return x
 
 
 # --- entry point -------------------------------------------------------------------------

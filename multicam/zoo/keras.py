@@ -9,10 +9,20 @@ block's post-ReLU output). Padding is explicit and symmetric (a named ``ZeroPadd
 asymmetric for stride 2. A strided 1x1 convolution is built as a ``pool_size=1`` average
 pooling ``"<conv>_subsample"`` (pure subsampling) and a stride-1 convolution: the same
 function, avoiding a heap-corrupting oneDNN kernel in TensorFlow 2.21's CPU build.
+
+Transformers: a :class:`~multicam.zoo.TransformerBlock` is a nested functional model whose
+output is its second residual sum (path ``"blocks/0"``), its branches' layers direct
+children and the sums ``Add`` layers ``"add1"``, ``"add2"``; an
+:class:`~multicam.zoo.Attention` is a nested functional model with layers ``"qkv"``,
+``"softmax"`` (a ``keras.layers.Softmax``, whose output is the attention probabilities
+``(N, heads, Q, K)``) and ``"proj"``, the heads split and merged by named ``Reshape`` and
+``Permute`` layers (``"split_heads"``, ``"heads_first"``, ``"tokens_first"``,
+``"merge_heads"``) and the products computed by ``keras.ops`` on the graph.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras
@@ -20,17 +30,25 @@ import numpy as np
 
 from . import (
     BN_EPS,
+    GELU,
+    LN_EPS,
     Architecture,
+    Attention,
     BatchNorm,
+    ClassToken,
     Conv,
     Dense,
     Dropout,
     Flatten,
     GlobalAvgPool,
     Layer,
+    LayerNorm,
     ReLU,
     Residual,
+    Softmax,
     Stage,
+    Tokens,
+    TransformerBlock,
 )
 
 __all__ = ["build"]
@@ -47,6 +65,48 @@ _GAP = {
     2: keras.layers.GlobalAveragePooling2D,
     3: keras.layers.GlobalAveragePooling3D,
 }
+
+
+@keras.saving.register_keras_serializable(package="multicam.zoo")
+class PatchTokens(keras.layers.Layer):
+    """``(N, *grid, D) -> (N, 1 + prod(grid), D)``: row-major tokens, class token, positions.
+
+    Weights: ``cls_token`` ``(D,)`` and ``pos_embed`` ``(1 + prod(grid), D)``.
+    """
+
+    def __init__(self, tokens: int, dim: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.tokens = tokens
+        self.dim = dim
+
+    def build(self, input_shape: Any) -> None:
+        self.cls_token = self.add_weight(shape=(self.dim,), initializer="zeros", name="cls_token")
+        self.pos_embed = self.add_weight(
+            shape=(self.tokens + 1, self.dim), initializer="zeros", name="pos_embed"
+        )
+
+    def call(self, x: Any) -> Any:
+        tokens = keras.ops.reshape(x, (-1, self.tokens, self.dim))
+        cls = keras.ops.zeros_like(tokens[:, :1]) + keras.ops.cast(self.cls_token, tokens.dtype)
+        pos_embed = keras.ops.cast(self.pos_embed, tokens.dtype)
+        return keras.ops.concatenate([cls, tokens], axis=1) + pos_embed
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (input_shape[0], self.tokens + 1, self.dim)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "tokens": self.tokens, "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(package="multicam.zoo")
+class ClassTokenPool(keras.layers.Layer):
+    """The class token: ``(N, L, D) -> (N, D)``."""
+
+    def call(self, x: Any) -> Any:
+        return x[:, 0]
+
+    def compute_output_shape(self, input_shape: Any) -> tuple[Any, ...]:
+        return (input_shape[0], *input_shape[2:])
 
 
 class _Builder:
@@ -141,7 +201,60 @@ class _Builder:
             out = keras.layers.Add(name="add", dtype=dtype)([out, skip])
             out = keras.layers.ReLU(name="relu", dtype=dtype)(out)
             return [keras.Model(inputs, out, name=spec.name)], out_shape
+        if isinstance(spec, LayerNorm):
+            norm = keras.layers.LayerNormalization(epsilon=LN_EPS, name=spec.name, dtype=dtype)
+            self.pending.append(
+                (norm, [self.weights[f"{name}.scale"], self.weights[f"{name}.bias"]])
+            )
+            return [norm], shape
+        if isinstance(spec, GELU):
+            # keras.activations.gelu is exact (erf) by default: approximate=False.
+            return [keras.layers.Activation("gelu", name=spec.name, dtype=dtype)], shape
+        if isinstance(spec, Softmax):
+            return [keras.layers.Softmax(axis=-1, name=spec.name, dtype=dtype)], shape
+        if isinstance(spec, Tokens):
+            tokens = int(np.prod(spec.grid))
+            layer = PatchTokens(tokens, spec.dim, name=spec.name, dtype=dtype)
+            params = [self.weights[f"{name}.cls_token"], self.weights[f"{name}.pos_embed"]]
+            self.pending.append((layer, params))
+            return [layer], (tokens + 1, spec.dim)
+        if isinstance(spec, ClassToken):
+            return [ClassTokenPool(name=spec.name, dtype=dtype)], shape[1:]
+        if isinstance(spec, Attention):
+            return [self.attention(spec, name, shape)], shape
+        if isinstance(spec, TransformerBlock):
+            inputs = keras.Input(shape=shape, name="input")
+            out = inputs
+            for index, branch in enumerate((spec.attention, spec.mlp), start=1):
+                layers, _ = self.layers(branch, name + ".", shape)
+                residual = out
+                for layer in layers:
+                    residual = layer(residual)
+                out = keras.layers.Add(name=f"add{index}", dtype=dtype)([out, residual])
+            return [keras.Model(inputs, out, name=spec.name)], shape
         raise TypeError(f"unknown layer {spec!r}")
+
+    def attention(self, spec: Attention, name: str, shape: tuple[int, ...]) -> keras.Model:
+        """Self-attention on ``(L, D)`` tokens as a functional model named ``spec.name``."""
+        length, dim = shape
+        heads, head_dim = spec.heads, spec.dim // spec.heads
+        dtype = self.dtype
+        qkv_spec, softmax_spec, proj_spec = spec.layers
+        (qkv,), _ = self.layer(qkv_spec, name + ".", shape)
+        (softmax,), _ = self.layer(softmax_spec, name + ".", (heads, length, length))
+        (proj,), _ = self.layer(proj_spec, name + ".", shape)
+        inputs = keras.Input(shape=shape, name="input")
+        split = keras.layers.Reshape((length, 3, heads, head_dim), name="split_heads", dtype=dtype)
+        # (N, L, 3, heads, d) -> (N, 3, heads, L, d)
+        packed = keras.layers.Permute((2, 3, 1, 4), name="heads_first", dtype=dtype)(
+            split(qkv(inputs))
+        )
+        q, k, v = packed[:, 0], packed[:, 1], packed[:, 2]
+        logits = keras.ops.matmul(q, keras.ops.swapaxes(k, -1, -2)) / math.sqrt(head_dim)
+        heads_out = keras.ops.matmul(softmax(logits), v)  # (N, heads, L, d)
+        merged = keras.layers.Permute((2, 1, 3), name="tokens_first", dtype=dtype)(heads_out)
+        merged = keras.layers.Reshape((length, dim), name="merge_heads", dtype=dtype)(merged)
+        return keras.Model(inputs, proj(merged), name=spec.name)
 
 
 def build(arch: Architecture, weights: dict[str, np.ndarray], *, dtype: str | None = None) -> Any:

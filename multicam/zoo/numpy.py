@@ -2,26 +2,38 @@
 
 The exact oracle of the agreement tests: it computes every layer's output without any
 framework, so each backend's activations and scores can be checked against it, and on
-``gap_cnn`` its gradients are known in closed form (:func:`gap_cnn_gradients`).
+``gap_cnn`` its gradients are known in closed form (:func:`gap_cnn_gradients`). On a
+transformer, an attention layer's inner ``qkv``, ``softmax`` (the attention probabilities
+``(N, heads, Q, K)``) and ``proj`` are recorded, and may be replaced, like any layer.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
 from . import (
     BN_EPS,
+    GELU,
+    LN_EPS,
     Architecture,
+    Attention,
     BatchNorm,
+    ClassToken,
     Conv,
     Dense,
     Dropout,
     Flatten,
     GlobalAvgPool,
     Layer,
+    LayerNorm,
     ReLU,
     Residual,
+    Softmax,
     Stage,
+    Tokens,
+    TransformerBlock,
     _architecture,
 )
 
@@ -42,6 +54,57 @@ def _conv(x: np.ndarray, kernel: np.ndarray, bias: np.ndarray, layer: Conv) -> n
     c_axis = windows.ndim - dims - 1
     out = np.tensordot(windows, kernel, axes=((c_axis, *k_axes), (dims, *range(dims))))
     return out + bias
+
+
+_ERF = np.vectorize(math.erf, otypes=[np.float64])
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    """Exact GELU ``x * Phi(x) = x (1 + erf(x / sqrt 2)) / 2``."""
+    return 0.5 * x * (1.0 + _ERF(x / math.sqrt(2.0)))
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _layer_norm(x: np.ndarray, scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """Layer normalisation over the last axis (population variance), ``eps = 1e-5``."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + LN_EPS) * scale + bias
+
+
+def _attention(
+    layer: Attention,
+    x: np.ndarray,
+    name: str,
+    weights: dict[str, np.ndarray],
+    record: dict[str, np.ndarray],
+    replace: dict[str, np.ndarray],
+) -> np.ndarray:
+    """Self-attention on ``(N, L, D)``, recording (and replacing) ``qkv``, ``softmax``, ``proj``."""
+
+    def dense(child: str, value: np.ndarray) -> np.ndarray:
+        kernel = weights[f"{name}.{child}.kernel"].astype(np.float64)
+        return value @ kernel + weights[f"{name}.{child}.bias"].astype(np.float64)
+
+    def output(child: str, value: np.ndarray) -> np.ndarray:
+        key = f"{name}.{child}"
+        if key in replace:
+            value = np.asarray(replace[key], np.float64)
+        record[key] = value
+        return value
+
+    n, length, dim = x.shape
+    head_dim = dim // layer.heads
+    qkv = output("qkv", dense("qkv", x))
+    q, k, v = qkv.reshape(n, length, 3, layer.heads, head_dim).transpose(2, 0, 3, 1, 4)
+    probs = output("softmax", _softmax(q @ np.swapaxes(k, -1, -2) / math.sqrt(head_dim)))
+    heads = (probs @ v).transpose(0, 2, 1, 3).reshape(n, length, dim)
+    return output("proj", dense("proj", heads))
 
 
 def _relu(
@@ -97,6 +160,23 @@ def _apply(
         elif isinstance(layer, Residual):
             body = _apply(layer.body, x, name + ".", *args)
             x = _relu(body + _apply(layer.shortcut, x, name + ".", *args), name, gates, pre_relu)
+        elif isinstance(layer, LayerNorm):
+            x = _layer_norm(x, w["scale"], w["bias"])
+        elif isinstance(layer, GELU):
+            x = _gelu(x)
+        elif isinstance(layer, Softmax):
+            x = _softmax(x)
+        elif isinstance(layer, Tokens):
+            tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+            cls = np.broadcast_to(w["cls_token"], (x.shape[0], 1, x.shape[-1]))
+            x = np.concatenate([cls, tokens], axis=1) + w["pos_embed"]
+        elif isinstance(layer, ClassToken):
+            x = x[:, 0]
+        elif isinstance(layer, Attention):
+            x = _attention(layer, x, name, weights, record, replace)
+        elif isinstance(layer, TransformerBlock):
+            x = x + _apply(layer.attention, x, name + ".", *args)
+            x = x + _apply(layer.mlp, x, name + ".", *args)
         else:
             raise TypeError(f"unknown layer {layer!r}")
         if name in replace:
@@ -130,7 +210,8 @@ def forward(
 
     Returns:
         ``(logits, outputs)``: logits ``(N, C)`` and every layer's channels-last output
-        keyed by its canonical dotted name.
+        keyed by its canonical dotted name (tokens ``(N, L, D)`` and attention
+        probabilities ``(N, heads, Q, K)`` as they are).
     """
     record: dict[str, np.ndarray] = {}
     logits = _apply(

@@ -1,7 +1,16 @@
-"""PyTorch builder for :mod:`multicam.zoo` architectures."""
+"""PyTorch builder for :mod:`multicam.zoo` architectures.
+
+Every spec entry is a module named after it: a :class:`~multicam.zoo.Stage` is an
+``nn.Sequential`` (so ``"blocks.0"`` is the first child of ``"blocks"``), an
+:class:`~multicam.zoo.Attention` is a :class:`SelfAttention` with children ``qkv``,
+``softmax`` (an ``nn.Softmax(dim=-1)``, whose output is the attention probabilities) and
+``proj``, a :class:`~multicam.zoo.TransformerBlock` a :class:`PreNormBlock`. Input is
+channels-first ``(N, C, *S)``; token layers are ``(N, L, D)`` as in every framework.
+"""
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import numpy as np
@@ -10,17 +19,25 @@ from torch import nn
 
 from . import (
     BN_EPS,
+    GELU,
+    LN_EPS,
     Architecture,
+    Attention,
     BatchNorm,
+    ClassToken,
     Conv,
     Dense,
     Dropout,
     Flatten,
     GlobalAvgPool,
     Layer,
+    LayerNorm,
     ReLU,
     Residual,
+    Softmax,
     Stage,
+    Tokens,
+    TransformerBlock,
 )
 
 
@@ -59,6 +76,67 @@ class ResidualBlock(nn.Module):
         for name in self.shortcut_names:
             skip = self.get_submodule(name)(skip)
         return self.relu(out + skip)
+
+
+class PatchTokens(nn.Module):
+    """``(N, D, *grid) -> (N, 1 + prod(grid), D)``: row-major tokens, class token, positions."""
+
+    def __init__(self, cls_token: torch.Tensor, pos_embed: torch.Tensor) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(cls_token)
+        self.pos_embed = nn.Parameter(pos_embed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(x.shape[0], 1, -1)
+        return torch.cat([cls, tokens], dim=1) + self.pos_embed
+
+
+class ClassTokenPool(nn.Module):
+    """The class token: ``(N, L, D) -> (N, D)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, 0]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention written out; ``softmax``'s output is the attention."""
+
+    def __init__(self, heads: int, qkv: nn.Module, proj: nn.Module) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = qkv
+        self.softmax = nn.Softmax(dim=-1)
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        head_dim = dim // self.heads
+        qkv = self.qkv(x).reshape(n, length, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = self.softmax(q @ k.transpose(-2, -1) / math.sqrt(head_dim))
+        return self.proj((attn @ v).transpose(1, 2).reshape(n, length, dim))
+
+
+class PreNormBlock(nn.Module):
+    """``x = x + attention(x)``, then ``x = x + mlp(x)``; the branches' layers as children."""
+
+    def __init__(
+        self, attention: OrderedDict[str, nn.Module], mlp: OrderedDict[str, nn.Module]
+    ) -> None:
+        super().__init__()
+        self.attention_names = list(attention)
+        self.mlp_names = list(mlp)
+        for name, module in [*attention.items(), *mlp.items()]:
+            self.add_module(name, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for names in (self.attention_names, self.mlp_names):
+            branch = x
+            for name in names:
+                branch = self.get_submodule(name)(branch)
+            x = x + branch
+        return x
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -105,6 +183,28 @@ def _module(layer: Layer, prefix: str, weights: dict[str, np.ndarray]) -> nn.Mod
         return ResidualBlock(
             _children(layer.body, name + ".", weights),
             _children(layer.shortcut, name + ".", weights),
+        )
+    if isinstance(layer, LayerNorm):
+        layer_norm = nn.LayerNorm(layer.features, eps=LN_EPS)
+        layer_norm.weight = nn.Parameter(_tensor(weights[f"{name}.scale"]))
+        layer_norm.bias = nn.Parameter(_tensor(weights[f"{name}.bias"]))
+        return layer_norm
+    if isinstance(layer, GELU):
+        return nn.GELU(approximate="none")
+    if isinstance(layer, Softmax):
+        return nn.Softmax(dim=-1)
+    if isinstance(layer, Tokens):
+        cls_token = _tensor(weights[f"{name}.cls_token"]).reshape(1, 1, -1)
+        return PatchTokens(cls_token, _tensor(weights[f"{name}.pos_embed"])[None])
+    if isinstance(layer, ClassToken):
+        return ClassTokenPool()
+    if isinstance(layer, Attention):
+        children = _children(layer.layers, name + ".", weights)
+        return SelfAttention(layer.heads, children["qkv"], children["proj"])
+    if isinstance(layer, TransformerBlock):
+        return PreNormBlock(
+            _children(layer.attention, name + ".", weights),
+            _children(layer.mlp, name + ".", weights),
         )
     raise TypeError(f"unknown layer {layer!r}")
 
