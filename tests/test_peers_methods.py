@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_capability_methods import _conv_bn_net, _x
 
 import multicam as mc
 from multicam import algebra, zoo
@@ -67,31 +68,6 @@ needs_torchcam = pytest.mark.skipif(
     reason="torchcam is not installed: it needs torchvision, which installs only in the "
     "peers environment (benchmarks/constraints-peers.txt)",
 )
-
-
-def _conv_bn_net() -> Any:
-    torch.manual_seed(0)
-    nn = torch.nn
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        nn.BatchNorm2d(4),
-        nn.ReLU(),
-        nn.Conv2d(4, 5, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-        nn.Linear(5, 6),
-    ).eval()
-    with torch.no_grad():
-        model[1].running_mean.uniform_(-1, 1)
-        model[1].running_var.uniform_(0.5, 2)
-        model[1].weight.uniform_(0.5, 2)
-        model[1].bias.uniform_(-1, 1)
-    return model
-
-
-def _x(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
 
 
 def _peer_normalize(maps: np.ndarray) -> np.ndarray:
