@@ -38,6 +38,19 @@ from .cam import (
     XGradCAM,
 )
 from .errors import BackendNotInstalledError, MulticamError, OptionError
+from .methods import (
+    FEM,
+    ISCAM,
+    KPCACAM,
+    SSCAM,
+    ClassActivationMap,
+    EigenGradCAM,
+    FinerCAM,
+    RandomCAM,
+    ShapleyCAM,
+    SmoothGradCAMPlusPlus,
+    SobelCAM,
+)
 from .metrics.curves import CurveResult
 from .metrics.road import DEFAULT_PERCENTILES
 from .perturbation import AblationCAM, ScoreCAM
@@ -67,6 +80,19 @@ METHODS: dict[str, type[CAM]] = {
     "GradCAMElementWise": GradCAMElementWise,
     "ScoreCAM": ScoreCAM,
     "AblationCAM": AblationCAM,
+    # the peers' methods that explain one layer (multicam.methods)
+    "CAM": ClassActivationMap,
+    "EigenGradCAM": EigenGradCAM,
+    "ShapleyCAM": ShapleyCAM,
+    "FinerCAM": FinerCAM,
+    "SmoothGradCAM++": SmoothGradCAMPlusPlus,
+    "SSCAM": SSCAM,
+    "ISCAM": ISCAM,
+    "KPCACAM": KPCACAM,
+    "FEM": FEM,
+    # baselines: a method should beat these
+    "SobelCAM": SobelCAM,
+    "RandomCAM": RandomCAM,
 }
 DEFAULT_METHODS = ("GradCAM", "GradCAM++", "XGradCAM", "LayerCAM", "HiResCAM", "ScoreCAM")
 
@@ -347,7 +373,7 @@ class Evaluation:
         bars.axvline(0, color="black", linewidth=0.8)
         bars.set_xlabel("higher is more faithful")
         bars.set_title(
-            "Ranking: insertion AUC - deletion AUC\n(green: recommended; red: blank maps or "
+            "Ranking: insertion AUC - deletion AUC\n(green: recommended;\nred: blank maps or "
             "fails the sanity check)",
             fontsize=10,
         )

@@ -1409,8 +1409,11 @@ class FullGrad(_MapMethod):
     ) -> _Pass:
         if eigen_smooth:
             raise OptionError("FullGrad's map is not a weighted sum of channels: no eigen_smooth.")
+        names = [name for name, _ in self.bound.bias_layers()]
+        found = self.bound.tensor_gradients(inputs, targets, names, input_gradients=True)
+        # Read the biases after the pass: linen creates its compact submodules, and so
+        # learns a batch norm's own epsilon, only when the model runs.
         biases = dict(self.bound.bias_layers())
-        found = self.bound.tensor_gradients(inputs, targets, list(biases), input_gradients=True)
         assert found.inputs is not None and found.input_gradients is not None
         layout = found.layout
         x = _channels_first(found.inputs, layout, 1)
