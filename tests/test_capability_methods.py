@@ -338,8 +338,6 @@ def test_shapley_cam_agrees_across_backends(arch: str, layer: str) -> None:
 
 
 def test_le_grad_agrees_across_backends() -> None:
-    if "tiny_vit" not in zoo.TRANSFORMER_ARCHITECTURES:
-        pytest.skip("the zoo has no tiny_vit")
     inputs = zoo.example_input("tiny_vit", 2, seed=8)
     layers = ["blocks.0.attn.softmax", "blocks.1.attn.softmax"]
     results = {

@@ -520,6 +520,9 @@ AGREEING = {
     "FinerCAM": mm.FinerCAM,
     "FinerCAM[LayerCAM]": functools.partial(mm.FinerCAM, method=mc.LayerCAM),
     "SESS": functools.partial(mm.SESS, scales=(1.0, 1.5), smooth=1.0),
+    "ShapleyCAM": mm.ShapleyCAM,
+    "ShapleyCAM[output]": functools.partial(mm.ShapleyCAM, score="output"),
+    "FullGrad": mm.FullGrad,  # ignores the layer: input and every bias layer
 }
 
 
@@ -536,7 +539,7 @@ def _explainer(framework: str, arch: str, layer: str, name: str) -> Any:
     return AGREEING[name](model, zoo.layer_name(layer, framework), **options)
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=14, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.sampled_from(sorted(AGREEING)),
     st.sampled_from(["gap_cnn", "digits_cnn", "conv1d_net"]),
