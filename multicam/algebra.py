@@ -57,17 +57,20 @@ def channel_weights(gradients: np.ndarray, pooling: Literal["mean"] = "mean") ->
     n, t, k = gradients.shape[:3]
     flat = gradients.reshape(n, t, k, -1).astype(np.float32, copy=False)
     positions = flat.shape[3]
-    # The sums as matrix-vector products with a vector of ones: BLAS reads the gradients
-    # once, in place, with SIMD accumulators, whether the spatial axis is contiguous
-    # (channels-first) or strided (channels-last memory seen channels-first, from Keras or
-    # Flax, where NumPy's mean takes its slow path). At 21 MB of gradients: 1.3x faster
-    # than mean() contiguous, 1.9x strided, and as accurate (float32 blocks, error far
-    # below 1e-6 relative).
-    ones = np.ones(positions, np.float32)
-    if flat.flags.c_contiguous:
-        sums = (flat.reshape(-1, positions) @ ones).reshape(n, t, k)
+    if positions == 1 or flat.strides[3] == flat.itemsize:
+        # Contiguous spatial axis (channels-first, whatever the order of N and T in memory,
+        # e.g. torch's (T, N, ...) batched gradients seen as (N, T, ...)): einsum's
+        # single-threaded SIMD sum reads the gradients once, in place. At 21 MB of
+        # gradients (N=32, T=10, K=64, 16x16) 0.47 ms against 0.86 ms for the BLAS
+        # matrix-vector product below and 1.1 ms for sum(-1); as accurate (1.2e-7 relative
+        # to a float64 sum, like BLAS).
+        sums = np.einsum("ntkp->ntk", flat)
     else:
-        sums = np.matmul(flat, ones)
+        # Strided spatial axis (channels-last memory seen channels-first, from Keras or
+        # Flax, where NumPy's mean and einsum take their slow paths): matrix-vector
+        # products with a vector of ones, BLAS reads the gradients once, in place, 1.9x
+        # faster than mean().
+        sums = np.matmul(flat, np.ones(positions, np.float32))
     return np.divide(sums, np.float32(positions), dtype=np.float32)
 
 
@@ -152,6 +155,15 @@ def _float32_matrix(in_size: int, out_size: int, method: str, align_corners: boo
     return matrix
 
 
+@functools.lru_cache(maxsize=256)
+def _float32_matrix_t(in_size: int, out_size: int, method: str, align_corners: bool) -> np.ndarray:
+    """The transpose of :func:`_float32_matrix`, C-contiguous: ``(..., s) @ (s, t)`` runs
+    as plain BLAS (on the transposed view NumPy's matmul is 1.5x slower)."""
+    matrix = np.ascontiguousarray(_float32_matrix(in_size, out_size, method, align_corners).T)
+    matrix.flags.writeable = False
+    return matrix
+
+
 def resize(
     maps: np.ndarray,
     size: Sequence[int],
@@ -186,7 +198,13 @@ def resize(
             continue
         matrix = _float32_matrix(source, target, method, align_corners)
         if axis == out.ndim - 1:  # (..., s) @ (s, t)
-            out = out @ matrix.T
+            # The contiguous transpose: 1.5x faster than ``out @ matrix.T`` (320 maps,
+            # 64x16 -> 64x64). Kept a batch of small products, not one product of all rows
+            # (20 % faster alone): OpenBLAS runs a large product on every core and its
+            # threads then spin for a while, taking the cores from the framework's own
+            # threads in the next call (measured: 2.5 ms more for the next torch forward on
+            # 2 cores); each small product runs on one thread.
+            out = out @ _float32_matrix_t(source, target, method, align_corners)
         elif axis == out.ndim - 2:  # (t, s) @ (..., s, w)
             out = matrix @ out
         else:  # move the axis last, multiply, move it back
@@ -245,8 +263,12 @@ def normalize(
     # without a clip (one pass fewer over the output).
     low32, high32 = low.astype(np.float32), high.astype(np.float32)
     divisor = np.where(wide, np.subtract(high32, low32, dtype=np.float32), np.float32(1.0))
-    out = np.subtract(maps, low32, out=out, dtype=np.float32)
-    np.divide(out, divisor, out=out)
+    if low32.any():
+        out = np.subtract(maps, low32, out=out, dtype=np.float32)
+        np.divide(out, divisor, out=out)
+    else:
+        # Every minimum is 0 (the rule after a ReLU): x - 0 is x, so one pass fewer.
+        out = np.divide(maps, divisor, out=out, dtype=np.float32)
     if not wide.all():
         out *= wide
     return out
