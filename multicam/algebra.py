@@ -157,8 +157,11 @@ def _float32_matrix(in_size: int, out_size: int, method: str, align_corners: boo
 
 @functools.lru_cache(maxsize=256)
 def _float32_matrix_t(in_size: int, out_size: int, method: str, align_corners: bool) -> np.ndarray:
-    """The transpose of :func:`_float32_matrix`, C-contiguous: ``(..., s) @ (s, t)`` runs
-    as plain BLAS (on the transposed view NumPy's matmul is 1.5x slower)."""
+    """The transpose of :func:`_float32_matrix`, C-contiguous and cached.
+
+    ``(..., s) @ (s, t)`` then runs as plain BLAS; on the transposed view NumPy's matmul is
+    1.5x slower.
+    """
     matrix = np.ascontiguousarray(_float32_matrix(in_size, out_size, method, align_corners).T)
     matrix.flags.writeable = False
     return matrix

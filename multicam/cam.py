@@ -614,7 +614,9 @@ class CAM:
                 and cls.channel_weights is GradCAM.channel_weights
                 and cls.combine is CAM.combine
             )
-            checks = deferred_gradient_checks() if pooled else contextlib.nullcontext([])
+            checks: contextlib.AbstractContextManager[list[tuple[np.ndarray, str]]] = (
+                deferred_gradient_checks() if pooled else contextlib.nullcontext([])
+            )
             with checks as pending:
                 layer_gradients = self.bound.gradients(inputs, targets)
             try:
