@@ -272,8 +272,9 @@ class BoundModel(abc.ABC):
             input_gradients: also return the input and d score / d input.
 
         Raises:
-            LayerError: a layer that does not exist, does not run once, or on which the
-                scores do not depend.
+            LayerError: a layer that does not exist (with the nearest names), does not run
+                exactly once, or on which the scores do not depend; ``layers`` given as one
+                string, empty without ``input_gradients``, or naming a layer twice.
         """
         raise self._lacks("gradients at several layers (tensor_gradients)", "FullGrad and LeGrad")
 
