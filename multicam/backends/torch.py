@@ -268,16 +268,35 @@ class TorchBoundModel(BoundModel):
                 outputs=outputs.detach(),
                 training=training,
             )
+        return self._on_host(activations, grads, scores, classes, x, outputs, training)
+
+    def _on_host(
+        self,
+        activations: torch.Tensor,
+        grads: torch.Tensor,
+        scores: torch.Tensor,
+        classes: np.ndarray | None,
+        x: torch.Tensor,
+        outputs: torch.Tensor,
+        training: tuple[str, ...],
+        **fields: Any,
+    ) -> LayerGradients:
+        """:func:`make_layer_gradients` of tensors handed to the host as float32 NumPy."""
+
+        def host(tensor: torch.Tensor) -> np.ndarray:
+            return tensor.detach().float().cpu().numpy()
+
         return make_layer_gradients(
-            activations.detach().float().cpu().numpy(),
-            grads.detach().float().cpu().numpy(),
-            scores.detach().float().cpu().numpy(),
+            host(activations),
+            host(grads),
+            host(scores),
             classes,
             layout=self.layout,
             input_shape=tuple(x.shape),
-            layer_name=self.layer_name,
-            outputs=outputs.detach().float().cpu().numpy(),
+            layer_name=fields.pop("layer_name", self.layer_name),
+            outputs=host(outputs),
             training=training,
+            **fields,
         )
 
     def _independent(self) -> LayerError:
@@ -469,16 +488,15 @@ class TorchBoundModel(BoundModel):
             if not scores.requires_grad:
                 raise InputError("the target scores do not depend on the input.")
             grads = _batched_vjp(scores, x, keep_saved=keep_saved)
-        return make_layer_gradients(
-            x.detach().float().cpu().numpy(),
-            grads.detach().float().cpu().numpy(),
-            scores.detach().float().cpu().numpy(),
+        return self._on_host(
+            x,
+            grads,
+            scores,
             classes,
-            layout=self.layout,
-            input_shape=tuple(x.shape),
+            x,
+            outputs,
+            training,
             layer_name="input",
-            outputs=outputs.detach().float().cpu().numpy(),
-            training=training,
             guided_relus=guided.guided_relus,
             unguided_activations=sorted(guided.unguided),
         )
@@ -731,16 +749,8 @@ class TorchBoundModel(BoundModel):
                     raise
                 grads.append(grad.detach())
                 products.append(torch.zeros_like(grad) if product is None else product.detach())
-        layer_gradients = make_layer_gradients(
-            activations.detach().float().cpu().numpy(),
-            torch.stack(grads, 1).float().cpu().numpy(),
-            scores.detach().float().cpu().numpy(),
-            classes,
-            layout=self.layout,
-            input_shape=tuple(x.shape),
-            layer_name=self.layer_name,
-            outputs=outputs.detach().float().cpu().numpy(),
-            training=training,
+        layer_gradients = self._on_host(
+            activations, torch.stack(grads, 1), scores, classes, x, outputs, training
         )
         hvp = torch.stack(products, 1).float().cpu().numpy()
         check_finite(hvp, f"the Hessian-vector products at layer {self.layer_name!r}")
