@@ -345,3 +345,34 @@ def test_le_grad_agrees_across_backends() -> None:
         for framework in available_frameworks()
     }
     assert_results_agree(results)
+
+
+def test_shapley_cam_closed_form_on_the_gap_net(framework: str) -> None:
+    """conv -> GAP -> linear, ReST score, derived by hand.
+
+    With ``abar`` the spatial mean of A (K,), ``z = W^T abar + b`` and ``p = softmax(z)``:
+    ``s = 2 z_c - logsumexp(z)``, so ``g = (2 W[:, c] - W p) / P`` at every position, and
+    ``d^2 s / dA dA' = -W (diag p - p p^T) W^T / P^2`` for every pair of positions, so
+    ``H A = -W (diag p - p p^T) W^T abar / P`` everywhere: the weights are
+    ``(2 W[:, c] - W p + W (diag p - p p^T) W^T abar / 2) / P``.
+    """
+    weights = zoo.init_weights("gap_cnn", 0)
+    x = native_input(framework, zoo.example_input("gap_cnn", 2, seed=5))
+    explainer = zoo.explainer("gap_cnn", framework, "features.relu2", weights, method=mc.ShapleyCAM)
+    result = explainer(x, targets=[[1, 3], [0, 4]], **PLAIN)
+    kernel = weights["fc.kernel"].astype(np.float64)  # (K, C)
+    bias = weights["fc.bias"].astype(np.float64)
+    positions = int(np.prod(result.activations.shape[2:]))
+    abar = result.activations.astype(np.float64).reshape(2, kernel.shape[0], -1).mean(-1)
+    for n, classes in enumerate(([1, 3], [0, 4])):
+        z = abar[n] @ kernel + bias
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        covariance = np.diag(p) - np.outer(p, p)
+        curvature = kernel @ covariance @ kernel.T @ abar[n] / 2
+        for t, c in enumerate(classes):
+            expected = (2 * kernel[:, c] - kernel @ p + curvature) / positions
+            np.testing.assert_allclose(result.weights[n, t], expected, rtol=1e-4, atol=1e-7)
+        np.testing.assert_allclose(
+            result.scores[n], 2 * z[classes] - np.log(np.exp(z).sum()), rtol=1e-5
+        )
