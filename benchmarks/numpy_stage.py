@@ -54,26 +54,6 @@ CLASSES = 10
 LAYER = "features.relu3"
 
 
-def architecture(zoo: ModuleType) -> Any:
-    """conv(3->16, s2) -> conv(16->32, s2) -> conv(32->64) -> GAP -> dense(64->10)."""
-    features = (
-        zoo.Conv("conv1", 3, 16, kernel=3, stride=2, padding=1),
-        zoo.ReLU("relu1"),
-        zoo.Conv("conv2", 16, 32, kernel=3, stride=2, padding=1),
-        zoo.ReLU("relu2"),
-        zoo.Conv("conv3", 32, 64, kernel=3, padding=1),
-        zoo.ReLU("relu3"),
-    )
-    return zoo.Architecture(
-        "gap3",
-        (64, 64, 3),
-        CLASSES,
-        (zoo.Stage("features", features), zoo.GlobalAvgPool("pool"), zoo.Dense("fc", 64, 10)),
-        tuple(f"features.{op.name}" for op in features),
-        "issue 13's GAP-head net: three convs, 64x64 input, layer at 16x16x64",
-    )
-
-
 class _Replay:
     """A bound model that hands back recorded arrays: times multicam's NumPy work only."""
 
@@ -112,7 +92,7 @@ def contenders(
     """``{name: call}`` for each framework, T in (1, 10), full call and NumPy stage."""
     zoo = importlib.import_module(f"{pkg.__name__}.zoo")
     targets_mod = importlib.import_module(f"{pkg.__name__}.targets")
-    arch = architecture(zoo)
+    arch = importlib.import_module(f"{pkg.__name__}.bench.nets").gap64()  # issue 13's net
     weights = zoo.init_weights(arch, seed=0)
     found: dict[str, Callable[[], Any]] = {}
     for framework in frameworks:
