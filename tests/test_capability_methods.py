@@ -376,3 +376,29 @@ def test_shapley_cam_closed_form_on_the_gap_net(framework: str) -> None:
         np.testing.assert_allclose(
             result.scores[n], 2 * z[classes] - np.log(np.exp(z).sum()), rtol=1e-5
         )
+
+
+def test_a_layer_returning_a_tuple_is_refused_by_name() -> None:
+    torch = _torch()
+
+    class Pair(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x, x
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.pair = Pair()
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: Any) -> Any:
+            a, _ = self.pair(self.conv(x))
+            return self.head(a.mean(dim=(2, 3)))
+
+    net = Net().eval()
+    x = _x((1, 3, 4, 4))
+    for explain in (mc.GradCAM(net, "pair"), mc.ShapleyCAM(net, "pair"), mc.LeGrad(net, ["pair"])):
+        with pytest.raises(mc.LayerError, match="'pair' returns tuple, not a tensor"):
+            explain(x, targets=0)
+    assert not any(m._forward_hooks for m in net.modules())

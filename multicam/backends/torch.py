@@ -321,11 +321,7 @@ class TorchBoundModel(BoundModel):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             if threading.get_ident() != owner:
                 return None  # another thread's forward of the same model: leave it alone
-            if not isinstance(output, torch.Tensor):
-                raise LayerError(
-                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor;"
-                    " choose a layer whose output is one (N, K, *spatial) tensor."
-                )
+            _check_tensor_output(self.layer_name, output)
             # Record the graph from here on only: below the layer, no_grad holds.
             torch.set_grad_enabled(True)
             leaf = output.detach()
@@ -397,11 +393,7 @@ class TorchBoundModel(BoundModel):
         def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
             if threading.get_ident() != owner:
                 return None
-            if not isinstance(output, torch.Tensor):
-                raise LayerError(
-                    f"layer {self.layer_name!r} returns {type(output).__name__}, not a tensor;"
-                    " choose a layer whose output is one (N, K, *spatial) tensor."
-                )
+            _check_tensor_output(self.layer_name, output)
             calls.append(tuple(output.shape))
             if tuple(output.shape) != replacement.shape:
                 raise InputError(
@@ -613,11 +605,7 @@ class TorchBoundModel(BoundModel):
             def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
                 if threading.get_ident() != owner:
                     return None
-                if not isinstance(output, torch.Tensor):
-                    raise LayerError(
-                        f"layer {name!r} returns {type(output).__name__}, not a tensor; "
-                        "choose a module whose output is one tensor."
-                    )
+                _check_tensor_output(name, output)
                 return record(name, output).clone()
 
             return hook
@@ -755,6 +743,15 @@ class TorchBoundModel(BoundModel):
         hvp = torch.stack(products, 1).float().cpu().numpy()
         check_finite(hvp, f"the Hessian-vector products at layer {self.layer_name!r}")
         return layer_gradients, hvp
+
+
+def _check_tensor_output(layer_name: str, output: Any) -> None:
+    """Refuse a hooked layer whose output is not one tensor (a tuple, a dict, None)."""
+    if not isinstance(output, torch.Tensor):
+        raise LayerError(
+            f"layer {layer_name!r} returns {type(output).__name__}, not a tensor; choose a "
+            "layer whose output is one (N, K, *spatial) tensor."
+        )
 
 
 def _argument(args: list[Any], kwargs: dict[str, Any], index: int, name: str, default: Any) -> Any:
