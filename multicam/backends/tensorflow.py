@@ -292,15 +292,34 @@ class TensorFlowBoundModel(BoundModel):
             gradients = self._backward(tape, scores, columns, activations)
         finally:
             del tape
+        return self._from_tape(activations, gradients, scores, class_ids, input_shape, outputs)
+
+    def _from_tape(
+        self,
+        activations: Any,
+        gradients: Any,
+        scores: Any,
+        class_ids: np.ndarray | None,
+        input_shape: tuple[int, ...],
+        outputs: Any,
+        **fields: Any,
+    ) -> LayerGradients:
+        """:func:`make_layer_gradients` of eager tensors, handed back as float32 NumPy."""
+        import tensorflow as tf
+
+        def host(tensor: Any) -> np.ndarray:
+            return tf.cast(tensor, tf.float32).numpy()
+
         return make_layer_gradients(
-            tf.cast(activations, tf.float32).numpy(),
-            tf.cast(gradients, tf.float32).numpy(),
-            tf.cast(scores, tf.float32).numpy(),
+            host(activations),
+            host(gradients),
+            host(scores),
             class_ids,
             layout=self.layout,
             input_shape=input_shape,
-            layer_name=self.layer_name,
-            outputs=tf.cast(outputs, tf.float32).numpy(),
+            layer_name=fields.pop("layer_name", self.layer_name),
+            outputs=host(outputs),
+            **fields,
         )
 
     def outputs(self, inputs: Any, output: int | str | None = None) -> np.ndarray:
@@ -454,15 +473,14 @@ class TensorFlowBoundModel(BoundModel):
             gradients = self._backward(tape, scores, columns, x)
         finally:
             del tape
-        return make_layer_gradients(
-            tf.cast(x, tf.float32).numpy(),
-            tf.cast(gradients, tf.float32).numpy(),
-            tf.cast(scores, tf.float32).numpy(),
+        return self._from_tape(
+            x,
+            gradients,
+            scores,
             class_ids,
-            layout=self.layout,
-            input_shape=input_shape,
+            input_shape,
+            outputs,
             layer_name="input",
-            outputs=tf.cast(outputs, tf.float32).numpy(),
             guided_relus=stats.relus,
             unguided_activations=sorted(stats.kinds),
         )
@@ -635,15 +653,8 @@ class TensorFlowBoundModel(BoundModel):
         finally:
             del outer, inner
         self._ran("eager", "hessian_vector_products", "Hessian-vector products run eagerly")
-        result = make_layer_gradients(
-            tf.cast(activations, tf.float32).numpy(),
-            tf.cast(tf.stack(rows, axis=1), tf.float32).numpy(),
-            tf.cast(scores, tf.float32).numpy(),
-            class_ids,
-            layout=self.layout,
-            input_shape=_input_shape(x),
-            layer_name=self.layer_name,
-            outputs=tf.cast(outputs, tf.float32).numpy(),
+        result = self._from_tape(
+            activations, tf.stack(rows, axis=1), scores, class_ids, _input_shape(x), outputs
         )
         hvp = _float32(
             tf.stack(products, axis=1), f"the Hessian-vector products at layer {self.layer_name!r}"
