@@ -402,3 +402,45 @@ def test_a_layer_returning_a_tuple_is_refused_by_name() -> None:
         with pytest.raises(mc.LayerError, match="'pair' returns tuple, not a tensor"):
             explain(x, targets=0)
     assert not any(m._forward_hooks for m in net.modules())
+
+
+@pytest.mark.parametrize("method", [mc.FullGrad, mc.ShapleyCAM])
+def test_in_place_relus_and_additions_give_the_out_of_place_maps(method: Any) -> None:
+    """A ResNet-style block (``out += identity``, ``ReLU(inplace=True)``), as its twin."""
+    torch = _torch()
+    nn = torch.nn
+
+    class Block(nn.Module):
+        def __init__(self, inplace: bool) -> None:
+            super().__init__()
+            self.inplace = inplace
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4)
+            self.relu = nn.ReLU(inplace=inplace)
+
+        def forward(self, x: Any) -> Any:
+            out = self.bn(self.conv(x))
+            if self.inplace:
+                out += x
+            else:
+                out = out + x
+            return self.relu(out)
+
+    def net(inplace: bool) -> Any:
+        torch.manual_seed(9)
+        model = nn.Sequential(
+            nn.Conv2d(3, 4, 3, padding=1),
+            nn.ReLU(inplace=inplace),
+            Block(inplace),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+        ).eval()
+        with torch.no_grad():
+            model[2].bn.running_var.uniform_(0.5, 2)
+        return model
+
+    x = _x((2, 3, 6, 6), seed=10)
+    twin = method(net(False), "2.bn")(x, targets="all", **PLAIN)
+    result = method(net(True), "2.bn")(x, targets="all", **PLAIN)
+    np.testing.assert_allclose(result.raw, twin.raw, rtol=1e-5, atol=1e-6)

@@ -717,11 +717,12 @@ class TorchBoundModel(BoundModel):
             if not scores.requires_grad:
                 raise self._independent()
             for t in range(scores.shape[1]):
-                try:
+                with _saved_tensor_errors(keep_saved):
                     (grad,) = torch.autograd.grad(
                         scores[:, t].sum(), activations, create_graph=True, retain_graph=True
                     )
-                    if grad.requires_grad:  # else the score is linear in the layer: H = 0
+                    product = None  # the score linear in the layer (no graph): H = 0
+                    if grad.requires_grad:
                         (product,) = torch.autograd.grad(
                             grad,
                             activations,
@@ -729,12 +730,6 @@ class TorchBoundModel(BoundModel):
                             retain_graph=True,
                             allow_unused=True,
                         )
-                    else:
-                        product = None
-                except RuntimeError as exc:
-                    if "modified by an inplace operation" in str(exc) and not keep_saved:
-                        raise _SavedTensorModified from exc
-                    raise
                 grads.append(grad.detach())
                 products.append(torch.zeros_like(grad) if product is None else product.detach())
         layer_gradients = self._on_host(
@@ -1033,8 +1028,21 @@ def _batched_vjp(
             pass, and the forward did not copy saved tensors (``keep_saved=False``): the
             caller runs the forward again with :func:`_copies_of_saved_tensors`.
     """
-    try:
+    with _saved_tensor_errors(keep_saved):
         return _batched_vjp_once(scores, activations)
+
+
+@contextlib.contextmanager
+def _saved_tensor_errors(keep_saved: bool) -> Iterator[None]:
+    """Inside, autograd's "modified by an inplace operation" becomes a retry or an error.
+
+    Raises:
+        _SavedTensorModified: without copies of the saved tensors (``keep_saved=False``):
+            the caller runs the forward again with :func:`_copies_of_saved_tensors`.
+        UnsupportedModelError: even with the copies.
+    """
+    try:
+        yield
     except RuntimeError as exc:
         if "modified by an inplace operation" not in str(exc):
             raise
@@ -1056,8 +1064,8 @@ def _batched_vjp_many(
     do not depend on gets zeros.
     """
     n_targets = scores.shape[1]
-    try:
-        grads: tuple[torch.Tensor | None, ...]
+    grads: tuple[torch.Tensor | None, ...]
+    with _saved_tensor_errors(keep_saved):
         if n_targets == 1:
             single = torch.autograd.grad(scores.sum(), tensors, allow_unused=True)
             grads = tuple(None if g is None else g.unsqueeze(1) for g in single)
@@ -1089,15 +1097,6 @@ def _batched_vjp_many(
                     else torch.stack([c for c in column if c is not None], 1)
                     for column in zip(*columns, strict=True)
                 )
-    except RuntimeError as exc:
-        if "modified by an inplace operation" not in str(exc):
-            raise
-        if not keep_saved:
-            raise _SavedTensorModified from exc
-        raise UnsupportedModelError(
-            "an in-place operation in the model modified a tensor that the gradients need, "
-            "even with autograd's saved tensors copied; make that operation out-of-place."
-        ) from exc
     return [
         torch.zeros((scores.shape[0], n_targets, *t.shape[1:]), dtype=t.dtype, device=t.device)
         if g is None
