@@ -1537,7 +1537,9 @@ class LeGrad(CAM):
         layers: the attention layers, in any order: a module or layer whose output is the
             attention probabilities (a softmax module in the block), or the framework's
             multi-head attention layer itself (torch ``nn.MultiheadAttention``, Keras
-            ``MultiHeadAttention``), whose per-head probabilities multicam asks it for.
+            ``MultiHeadAttention``, Flax linen ``MultiHeadDotProductAttention`` and nnx
+            ``MultiHeadAttention`` with their default attention function), whose per-head
+            probabilities multicam asks it for.
         reshape: the patch grid ``(h, w)`` or a :class:`~multicam.cam.TokenGrid` (with
             ``prefix_tokens``); ``None`` infers a square grid after 0 or 1 prefix token.
         backend, output, **options: as for :class:`~multicam.cam.CAM`.

@@ -259,9 +259,10 @@ class BoundModel(abc.ABC):
 
         One forward and one batched backward pass, in inference mode. The tensor of a
         layer is its output, except for a framework's multi-head attention layer (torch
-        ``nn.MultiheadAttention``, Keras ``MultiHeadAttention``), whose tensor is its
-        per-head attention probabilities ``(N, heads, Q, K)`` (after the softmax, before
-        dropout). The model is unchanged afterwards (hooks removed, call options restored).
+        ``nn.MultiheadAttention``, Keras ``MultiHeadAttention``, Flax linen
+        ``MultiHeadDotProductAttention`` and nnx ``MultiHeadAttention``), whose tensor is
+        its per-head attention probabilities ``(N, heads, Q, K)`` (after the softmax,
+        before dropout). The model is unchanged afterwards (hooks removed, call options restored).
 
         Args:
             inputs: a batch in the backend's native layout, NumPy or a framework tensor.
