@@ -35,6 +35,7 @@ import numpy as np
 
 from . import algebra
 from .backends import Backend, LayerGradients
+from .backends.base import input_spatial_shape
 from .cam import (
     CAM,
     CAMResult,
@@ -1321,13 +1322,6 @@ class RefineCAM(MultiLayerCAM):
 # --- Methods that need the optional second-order and multi-layer capabilities -----------
 
 
-def _input_spatial(x: np.ndarray, layout: str) -> tuple[int, ...] | None:
-    """The spatial dims of an input batch in ``layout``, or None for a flat input."""
-    if x.ndim < 3:
-        return None
-    return tuple(x.shape[2:] if layout == "channels_first" else x.shape[1:-1])
-
-
 def _channels_first(array: np.ndarray, layout: str, leading: int) -> np.ndarray:
     """``array`` with its channel axis (last in ``channels_last``) at ``leading``."""
     return array if layout == "channels_first" else np.moveaxis(array, -1, leading)
@@ -1636,7 +1630,7 @@ class LeGrad(CAM):
             gradients=relevance.astype(np.float32),
             scores=found.scores,
             targets=found.targets,
-            input_spatial_shape=_input_spatial(_as_numpy(inputs), self.bound.layout),
+            input_spatial_shape=input_spatial_shape(_as_numpy(inputs).shape, self.bound.layout),
             outputs=found.outputs,
             training=found.training,
         )

@@ -28,9 +28,9 @@ import numpy as np
 
 from . import algebra
 from .algebra import CONSTANT_RTOL
-from .backends.base import LayerGradients
+from .backends.base import LayerGradients, canonical_arrays, input_spatial_shape
 from .backends.base import check_finite as check_finite_numpy
-from .errors import BackendNotInstalledError, LayerError, TargetError
+from .errors import BackendNotInstalledError
 
 __all__ = [
     "CONSTANT_RTOL",
@@ -391,27 +391,14 @@ def make_layer_gradients(
     device, channels-first (a view where the framework allows).
     """
     xp = namespace(activations, gradients, scores)
-    activations, gradients = _float32(xp, activations), _float32(xp, gradients)
-    scores = _float32(xp, scores)
-    if activations.ndim < 3:
-        raise LayerError(
-            f"layer {layer_name!r} outputs shape {tuple(activations.shape)}, which has no "
-            "spatial dimensions; Grad-CAM needs a layer whose output is (N, K, *spatial) such "
-            "as a convolution or pooling layer (for a transformer block, reshape its tokens)."
-        )
-    if layout == "channels_last":
-        activations = xp.moveaxis(activations, -1, 1)
-        gradients = xp.moveaxis(gradients, -1, 2)
-    n = activations.shape[0]
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    if scores.shape[0] != n or tuple(gradients.shape[:1]) + tuple(gradients.shape[2:]) != tuple(
-        activations.shape
-    ):
-        raise TargetError(
-            f"a target score function returned shape {tuple(scores.shape)} for a batch of "
-            f"{n}; it must return one score per sample, shape (N,)."
-        )
+    activations, gradients, scores = canonical_arrays(
+        _float32(xp, activations),
+        _float32(xp, gradients),
+        _float32(xp, scores),
+        layout=layout,
+        layer_name=layer_name,
+        moveaxis=xp.moveaxis,
+    )
     check_finite(
         {
             f"the activations of layer {layer_name!r}": activations,
@@ -419,16 +406,12 @@ def make_layer_gradients(
             f"the gradients at layer {layer_name!r}": gradients,
         }
     )
-    input_shape = tuple(int(d) for d in input_shape)
-    spatial = None
-    if len(input_shape) >= 3:
-        spatial = input_shape[2:] if layout == "channels_first" else input_shape[1:-1]
     return LayerGradients(
         activations,
         gradients,
         scores,
         targets,
-        None if spatial is None else tuple(spatial),
+        input_spatial_shape(input_shape, layout),
         None if outputs is None else _float32(xp, outputs),
         tuple(training),
     )

@@ -47,9 +47,11 @@ __all__ = [
     "Layout",
     "Redraw",
     "TensorGradients",
+    "canonical_arrays",
     "check_finite",
     "check_parameter_layers",
     "forward_error",
+    "input_spatial_shape",
     "make_layer_gradients",
     "raised_inside",
     "replacement_activations",
@@ -422,26 +424,14 @@ def make_layer_gradients(
         LayerError: the layer's output has no spatial dims.
         NonFiniteError: NaN or Inf in the activations, gradients or scores.
     """
-    activations = np.asarray(activations, dtype=np.float32)
-    gradients = np.asarray(gradients, dtype=np.float32)
-    scores = np.asarray(scores, dtype=np.float32)
-    if activations.ndim < 3:
-        raise LayerError(
-            f"layer {layer_name!r} outputs shape {activations.shape}, which has no spatial "
-            "dimensions; Grad-CAM needs a layer whose output is (N, K, *spatial) such as a "
-            "convolution or pooling layer (for a transformer block, reshape its tokens)."
-        )
-    if layout == "channels_last":
-        activations = np.moveaxis(activations, -1, 1)
-        gradients = np.moveaxis(gradients, -1, 2)
-    n = activations.shape[0]
-    if scores.ndim == 1:
-        scores = scores[:, None]
-    if scores.shape[0] != n or gradients.shape[:1] + gradients.shape[2:] != activations.shape:
-        raise TargetError(
-            f"a target score function returned shape {scores.shape} for a batch of {n}; "
-            "it must return one score per sample, shape (N,)."
-        )
+    activations, gradients, scores = canonical_arrays(
+        np.asarray(activations, dtype=np.float32),
+        np.asarray(gradients, dtype=np.float32),
+        np.asarray(scores, dtype=np.float32),
+        layout=layout,
+        layer_name=layer_name,
+        moveaxis=np.moveaxis,
+    )
     _check_finite(activations, f"the activations of layer {layer_name!r}")
     _check_finite(scores, "the target scores")
     deferred = _DEFERRED.get()
@@ -449,22 +439,68 @@ def make_layer_gradients(
         _check_finite(gradients, f"the gradients at layer {layer_name!r}")
     else:  # the caller checks them (see deferred_gradient_checks)
         deferred.append((gradients, f"the gradients at layer {layer_name!r}"))
-    input_shape = tuple(int(d) for d in input_shape)
-    if len(input_shape) >= 3:
-        spatial = input_shape[2:] if layout == "channels_first" else input_shape[1:-1]
-    else:
-        spatial = None
     return LayerGradients(
         activations,
         gradients,
         scores,
         targets,
-        None if spatial is None else tuple(spatial),
+        input_spatial_shape(input_shape, layout),
         None if outputs is None else np.asarray(outputs, dtype=np.float32),
         tuple(training),
         guided_relus,
         tuple(sorted(set(unguided_activations))),
     )
+
+
+def canonical_arrays(
+    activations: Any,
+    gradients: Any,
+    scores: Any,
+    *,
+    layout: str,
+    layer_name: str,
+    moveaxis: Callable[[Any, int, int], Any],
+) -> tuple[Any, Any, Any]:
+    """Check the shapes of a backend's arrays and put their channels first.
+
+    The framework-free part of :func:`make_layer_gradients`, shared with its on-device
+    twin :func:`multicam.xp.make_layer_gradients`: ``moveaxis`` is the arrays' own
+    namespace's.
+
+    Returns:
+        ``(N, K, *S)`` activations, ``(N, T, K, *S)`` gradients, ``(N, T)`` scores.
+
+    Raises:
+        LayerError: the layer's output has no spatial dims.
+        TargetError: the scores are not one per sample (a target function's output).
+    """
+    if activations.ndim < 3:
+        raise LayerError(
+            f"layer {layer_name!r} outputs shape {tuple(activations.shape)}, which has no "
+            "spatial dimensions; Grad-CAM needs a layer whose output is (N, K, *spatial) such "
+            "as a convolution or pooling layer (for a transformer block, reshape its tokens)."
+        )
+    if layout == "channels_last":
+        activations = moveaxis(activations, -1, 1)
+        gradients = moveaxis(gradients, -1, 2)
+    n = activations.shape[0]
+    if scores.ndim == 1:
+        scores = scores[:, None]
+    per_sample = tuple(gradients.shape[:1]) + tuple(gradients.shape[2:])
+    if scores.shape[0] != n or per_sample != tuple(activations.shape):
+        raise TargetError(
+            f"a target score function returned shape {tuple(scores.shape)} for a batch of "
+            f"{n}; it must return one score per sample, shape (N,)."
+        )
+    return activations, gradients, scores
+
+
+def input_spatial_shape(input_shape: Sequence[int], layout: str) -> tuple[int, ...] | None:
+    """The spatial dims of an input batch of ``input_shape`` in ``layout``, or None."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) < 3:
+        return None
+    return shape[2:] if layout == "channels_first" else shape[1:-1]
 
 
 def raised_inside(exc: BaseException, packages: Sequence[str]) -> bool:
