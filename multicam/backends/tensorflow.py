@@ -108,6 +108,7 @@ __all__ = ["TensorFlowBackend", "TensorFlowBoundModel"]
 
 _LOG = logging.getLogger(__name__)
 _T = TypeVar("_T")
+_C = TypeVar("_C")
 _MISSING = object()
 #: The layer attributes Keras' ``Operation.__call__`` may dispatch to.
 _CALL_ATTRIBUTES = ("call", "quantized_call")
@@ -256,24 +257,21 @@ class TensorFlowBoundModel(BoundModel):
                 outputs.
         """
         x = self._prepare_inputs(inputs)
-        function, key, reason = self._function("gradients", targets)
-        eager = functools.partial(self._eager_gradients, x, targets)
-        if function is None:
-            return self._eager("gradients", reason, eager)
-        try:
-            arrays = _numpy(function(x, _class_tensor(targets)))
-        except Exception as exc:
-            return self._after_failure("gradients", key, exc, eager)
-        self._ran("compiled", "gradients")
-        return make_layer_gradients(
-            arrays["activations"],
-            arrays["gradients"],
-            arrays["scores"],
-            _class_ids(targets, arrays),
-            layout=self.layout,
-            input_shape=_input_shape(x),
-            layer_name=self.layer_name,
-            outputs=arrays["outputs"],
+        return self._compiled_or_eager(
+            "gradients",
+            self._function("gradients", targets),
+            lambda function: _numpy(function(x, _class_tensor(targets))),
+            lambda arrays: make_layer_gradients(
+                arrays["activations"],
+                arrays["gradients"],
+                arrays["scores"],
+                _class_ids(targets, arrays),
+                layout=self.layout,
+                input_shape=_input_shape(x),
+                layer_name=self.layer_name,
+                outputs=arrays["outputs"],
+            ),
+            functools.partial(self._eager_gradients, x, targets),
         )
 
     def _eager_gradients(self, x: Any, targets: Targets) -> LayerGradients:
@@ -329,17 +327,13 @@ class TensorFlowBoundModel(BoundModel):
         :meth:`gradients`.
         """
         x = self._prepare_inputs(inputs)
-        function, key, reason = self._function("outputs", None, output)
-        eager = functools.partial(self._plain_forward, x, None, output)
-        if function is None:
-            return self._eager("outputs", reason, eager)
-        try:
-            result = function(x).numpy()
-        except Exception as exc:
-            return self._after_failure("outputs", key, exc, eager)
-        self._ran("compiled", "outputs")
-        check_finite(result, "the model's outputs")
-        return result
+        return self._compiled_or_eager(
+            "outputs",
+            self._function("outputs", None, output),
+            lambda function: function(x).numpy(),
+            _checked_outputs,
+            functools.partial(self._plain_forward, x, None, output),
+        )
 
     def outputs_from_layer(
         self, inputs: Any, activations: np.ndarray, output: int | str | None = None
@@ -355,17 +349,13 @@ class TensorFlowBoundModel(BoundModel):
         x = self._prepare_inputs(inputs)
         n = int(tf.nest.flatten(x)[0].shape[0])
         replacement = replacement_activations(activations, n, self.layer_name, self.layout)
-        function, key, reason = self._function("outputs_from_layer", None, output)
-        eager = functools.partial(self._eager_outputs_from_layer, x, replacement, output)
-        if function is None:
-            return self._eager("outputs_from_layer", reason, eager)
-        try:
-            result = function(x, tf.convert_to_tensor(replacement)).numpy()
-        except Exception as exc:
-            return self._after_failure("outputs_from_layer", key, exc, eager)
-        self._ran("compiled", "outputs_from_layer")
-        check_finite(result, "the model's outputs")
-        return result
+        return self._compiled_or_eager(
+            "outputs_from_layer",
+            self._function("outputs_from_layer", None, output),
+            lambda function: function(x, tf.convert_to_tensor(replacement)).numpy(),
+            _checked_outputs,
+            functools.partial(self._eager_outputs_from_layer, x, replacement, output),
+        )
 
     def _eager_outputs_from_layer(
         self, x: Any, replacement: np.ndarray, output: int | str | None
@@ -428,26 +418,23 @@ class TensorFlowBoundModel(BoundModel):
 
         x = self._prepare_inputs(inputs)
         _check_differentiable_input(x, "guided backpropagation")
-        function, key, reason = self._function("guided", targets)
-        eager = functools.partial(self._eager_guided_gradients, x, targets)
-        if function is None:
-            return self._eager("guided_gradients", reason, eager)
-        try:
-            arrays = _numpy(function(x, _class_tensor(targets)))
-        except Exception as exc:
-            return self._after_failure("guided_gradients", key, exc, eager)
-        self._ran("compiled", "guided_gradients")
-        return make_layer_gradients(
-            tf.cast(x, tf.float32).numpy(),
-            arrays["gradients"],
-            arrays["scores"],
-            _class_ids(targets, arrays),
-            layout=self.layout,
-            input_shape=_input_shape(x),
-            layer_name="input",
-            outputs=arrays["outputs"],
-            guided_relus=int(arrays["relus"]),
-            unguided_activations=[kind.decode() for kind in arrays["kinds"]],
+        return self._compiled_or_eager(
+            "guided_gradients",
+            self._function("guided", targets),
+            lambda function: _numpy(function(x, _class_tensor(targets))),
+            lambda arrays: make_layer_gradients(
+                tf.cast(x, tf.float32).numpy(),
+                arrays["gradients"],
+                arrays["scores"],
+                _class_ids(targets, arrays),
+                layout=self.layout,
+                input_shape=_input_shape(x),
+                layer_name="input",
+                outputs=arrays["outputs"],
+                guided_relus=int(arrays["relus"]),
+                unguided_activations=[kind.decode() for kind in arrays["kinds"]],
+            ),
+            functools.partial(self._eager_guided_gradients, x, targets),
         )
 
     def _eager_guided_gradients(self, x: Any, targets: Targets) -> LayerGradients:
@@ -685,6 +672,30 @@ class TensorFlowBoundModel(BoundModel):
         return _functions_of(self.model).get(
             self, kind, targets.kind, targets.output, targets.score_fn, targets.score
         )
+
+    def _compiled_or_eager(
+        self,
+        what: str,
+        found: tuple[Any, tuple[Any, ...] | None, str],
+        call: Callable[[Any], _C],
+        finish: Callable[[_C], _T],
+        eager: Callable[[], _T],
+    ) -> _T:
+        """``finish(call(function))`` if :meth:`_function` found one (``found``), else ``eager()``.
+
+        A compiled call that raises runs eagerly instead and stays eager from then on
+        (:meth:`_after_failure`); which path ran is recorded (:meth:`_ran`) under ``what``.
+        ``finish`` (the checks and the hand-back) runs after, so its errors are the user's.
+        """
+        function, key, reason = found
+        if function is None:
+            return self._eager(what, reason, eager)
+        try:
+            result = call(function)
+        except Exception as exc:
+            return self._after_failure(what, key, exc, eager)
+        self._ran("compiled", what)
+        return finish(result)
 
     def _eager(self, what: str, reason: str, run: Callable[[], _T]) -> _T:
         result = run()
@@ -1718,6 +1729,12 @@ def _backward_all(
                 )
             raise _disconnected(name)
     return [tf.stack([row[i] for row in rows], axis=1) for i in range(len(sources))]
+
+
+def _checked_outputs(outputs: np.ndarray) -> np.ndarray:
+    """The model's outputs, or :class:`NonFiniteError` if they hold NaN or Inf."""
+    check_finite(outputs, "the model's outputs")
+    return outputs
 
 
 def _float32(tensor: Any, what: str) -> np.ndarray:
