@@ -338,13 +338,7 @@ class TorchBoundModel(BoundModel):
 
         handle = self.layer.register_forward_hook(hook)
         try:
-            with (
-                self._inference() as training,
-                self._forward_errors(x),
-                torch.inference_mode(False),
-                torch.no_grad(),
-                _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
-            ):
+            with self._forward(x, grad=False, keep_saved=keep_saved) as training:
                 outputs = self.model(_private(x))
         finally:
             handle.remove()
@@ -418,12 +412,7 @@ class TorchBoundModel(BoundModel):
 
     def _plain_forward(self, x: torch.Tensor, output: int | str | None = None) -> np.ndarray:
         """One forward in eval mode without gradients; framework errors become InputError."""
-        with (
-            self._inference(),
-            self._forward_errors(x),
-            torch.inference_mode(False),
-            torch.no_grad(),
-        ):
+        with self._forward(x, grad=False):
             outputs = select_output(self.model(_private(x)), output)
         if not isinstance(outputs, torch.Tensor):
             raise TargetError(
@@ -465,14 +454,7 @@ class TorchBoundModel(BoundModel):
         self, x: torch.Tensor, targets: Targets, *, keep_saved: bool
     ) -> LayerGradients:
         guided = _GuidedReLUs()
-        with (
-            self._inference() as training,
-            self._forward_errors(x),
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
-            guided,
-        ):
+        with self._forward(x, grad=True, keep_saved=keep_saved) as training, guided:
             outputs = self.model(x.clone())
         outputs = _chosen_output(outputs, targets)
         with torch.enable_grad():
@@ -492,6 +474,25 @@ class TorchBoundModel(BoundModel):
             guided_relus=guided.guided_relus,
             unguided_activations=sorted(guided.unguided),
         )
+
+    @contextlib.contextmanager
+    def _forward(
+        self, x: torch.Tensor, *, grad: bool, keep_saved: bool = False
+    ) -> Iterator[tuple[str, ...]]:
+        """Around one forward of the model on ``x``; yields :attr:`LayerGradients.training`.
+
+        Eval mode (restored after), framework errors as :class:`InputError`, autograd
+        recording on (``grad``) or off, outside any inference mode the caller is in, and
+        with ``keep_saved`` a copy of every tensor autograd saves (the in-place retry).
+        """
+        with (
+            self._inference() as training,
+            self._forward_errors(x),
+            torch.inference_mode(False),
+            torch.enable_grad() if grad else torch.no_grad(),
+            _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
+        ):
+            yield training
 
     def _inference(self) -> contextlib.AbstractContextManager[tuple[str, ...]]:
         """Run the model in eval mode inside; yields :attr:`LayerGradients.training`."""
@@ -650,13 +651,7 @@ class TorchBoundModel(BoundModel):
                     attention_hooks(name, module)
                 else:
                     handles.append(module.register_forward_hook(output_hook(name)))
-            with (
-                self._inference() as training,
-                self._forward_errors(x),
-                torch.inference_mode(False),
-                torch.enable_grad(),
-                _copies_of_saved_tensors() if keep_saved else contextlib.nullcontext(),
-            ):
+            with self._forward(x, grad=True, keep_saved=keep_saved) as training:
                 outputs = self.model(x if not input_gradients else x.clone())
         finally:
             for handle in handles:
