@@ -54,6 +54,7 @@ from .methods import (
 from .metrics.curves import CurveResult
 from .metrics.road import DEFAULT_PERCENTILES
 from .perturbation import AblationCAM, ScoreCAM
+from .viz import _matplotlib
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -402,19 +403,6 @@ def _short(layer: str) -> str:
 
 def _nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
-
-
-def _matplotlib() -> Any:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise BackendNotInstalledError(
-            f"the plot needs matplotlib ({exc}); pip install 'multicam-xai[viz]'"
-        ) from exc
-    return plt
 
 
 def _method(method: str | type[CAM]) -> tuple[str, type[CAM]]:
