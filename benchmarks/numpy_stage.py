@@ -36,9 +36,7 @@ import importlib
 import json
 import os
 import platform
-import random
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from types import ModuleType
@@ -48,6 +46,8 @@ with contextlib.suppress(ImportError):
     import torch  # noqa: F401  (torch before TensorFlow in one process)
 
 import numpy as np
+
+from multicam.bench.timing import time_interleaved
 
 BATCH = 32
 CLASSES = 10
@@ -116,25 +116,6 @@ def _call(explainer: Any, x: Any, classes: np.ndarray) -> Callable[[], Any]:
     return call
 
 
-def time_interleaved(
-    calls: dict[str, Callable[[], Any]], repeats: int, seed: int = 0
-) -> dict[str, list[float]]:
-    """Warm each up twice, then ``repeats`` rounds in a fresh shuffled order each round."""
-    for call in calls.values():
-        call()
-        call()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    order = list(calls)
-    rng = random.Random(seed)
-    for _ in range(repeats):
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frameworks", default="torch,keras,flax")
@@ -149,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     calls = contenders(multicam, frameworks)
     if args.compare:
         calls.update(contenders(importlib.import_module(args.compare), frameworks, " (old)"))
-    times = time_interleaved(calls, args.repeats)
+    for call in calls.values():  # a second warm-up (the suite's timer does one)
+        call()
+    times, _ = time_interleaved(calls, args.repeats)
     best = {name: min(ts) for name, ts in times.items()}
     print(
         f"NumPy stage at many maps: batch {BATCH}, 64x64 -> {LAYER} 16x16x64, "
