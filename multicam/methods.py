@@ -1535,7 +1535,8 @@ class LeGrad(CAM):
             ``MultiHeadAttention`` with their default attention function), whose per-head
             probabilities multicam asks it for.
         reshape: the patch grid ``(h, w)`` or a :class:`~multicam.cam.TokenGrid` (with
-            ``prefix_tokens``); ``None`` infers a square grid after 0 or 1 prefix token.
+            ``prefix_tokens``); ``None`` infers a square grid after 0 or 1 prefix token,
+            for a square input only (otherwise it asks for ``reshape=``).
         backend, output, **options: as for :class:`~multicam.cam.CAM`.
 
     ``res.activations`` ``(N, 1, h, w)`` is the attention each patch receives (mean over
@@ -1573,8 +1574,14 @@ class LeGrad(CAM):
         """The attention layers, comma-separated."""
         return ", ".join(str(layer) for layer in self.layers)
 
-    def _grid(self, tokens: int) -> tuple[tuple[int, ...], int]:
-        """The patch grid and the number of prefix tokens for ``tokens`` keys."""
+    def _grid(
+        self, tokens: int, input_spatial: tuple[int, ...] | None
+    ) -> tuple[tuple[int, ...], int]:
+        """The patch grid and the number of prefix tokens for ``tokens`` keys.
+
+        Without ``reshape=`` the grid is inferred only where the input shows it: a square
+        grid for a square 2-D input; anything else asks for ``reshape=``.
+        """
         if self.reshape is not None:
             cells = int(np.prod(self.reshape.shape))
             prefix = self.reshape.prefix_tokens
@@ -1587,13 +1594,20 @@ class LeGrad(CAM):
                     "tokens pass mc.TokenGrid(shape, prefix_tokens=p))."
                 )
             return self.reshape.shape, prefix
+        advice = "pass reshape=(h, w) (or mc.TokenGrid((h, w), prefix_tokens=p))"
+        if input_spatial is None or len(input_spatial) != 2 or len(set(input_spatial)) != 1:
+            raise OptionError(
+                f"the attention has {tokens} key tokens and the input's spatial shape "
+                f"{input_spatial} is not a square image, so the patch grid cannot be "
+                f"inferred; {advice}."
+            )
         for prefix in (1, 0):
             side = round(float(np.sqrt(tokens - prefix)))
             if side * side == tokens - prefix and side > 0:
                 return (side, side), prefix
         raise OptionError(
             f"the attention has {tokens} key tokens, no square grid after 0 or 1 prefix "
-            "token; pass reshape=(h, w) (or mc.TokenGrid((h, w), prefix_tokens=p))."
+            f"token; {advice}."
         )
 
     def _signed(
@@ -1621,7 +1635,8 @@ class LeGrad(CAM):
         tokens = relevances[0].shape[-1]
         if any(relevance.shape[-1] != tokens for relevance in relevances):
             raise OptionError("the attention layers have different numbers of tokens.")
-        shape, prefix = self._grid(tokens)
+        input_spatial = input_spatial_shape(_as_numpy(inputs).shape, self.bound.layout)
+        shape, prefix = self._grid(tokens, input_spatial)
         n, t = found.scores.shape
         relevance = np.mean(relevances, axis=0)[..., prefix:].reshape(n, t, 1, *shape)
         received = np.mean(attention, axis=0)[..., prefix:].reshape(n, 1, *shape)
@@ -1630,7 +1645,7 @@ class LeGrad(CAM):
             gradients=relevance.astype(np.float32),
             scores=found.scores,
             targets=found.targets,
-            input_spatial_shape=input_spatial_shape(_as_numpy(inputs).shape, self.bound.layout),
+            input_spatial_shape=input_spatial,
             outputs=found.outputs,
             training=found.training,
         )

@@ -444,3 +444,14 @@ def test_in_place_relus_and_additions_give_the_out_of_place_maps(method: Any) ->
     twin = method(net(False), "2.bn")(x, targets="all", **PLAIN)
     result = method(net(True), "2.bn")(x, targets="all", **PLAIN)
     np.testing.assert_allclose(result.raw, twin.raw, rtol=1e-5, atol=1e-6)
+
+
+def test_le_grad_infers_a_square_grid_only_from_a_square_input() -> None:
+    """16 patches of a 4x16 input are a 2x8 grid, not 4x4: no guess, a question."""
+    net = _attention_net(True)
+    layers = ["blocks.0.softmax", "blocks.1.softmax"]
+    wide = _x((1, 3, 4, 16))  # 2x8 patches: 17 tokens, which a 4x4 grid would also fit
+    with pytest.raises(mc.OptionError, match=r"not a square image.*reshape=\(h, w\)"):
+        mc.LeGrad(net, layers)(wide, targets=0)
+    result = mc.LeGrad(net, layers, reshape=(2, 8))(wide, targets=0, **PLAIN)
+    assert result.raw.shape == (1, 1, 2, 8)
