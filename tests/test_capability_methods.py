@@ -455,3 +455,27 @@ def test_le_grad_infers_a_square_grid_only_from_a_square_input() -> None:
         mc.LeGrad(net, layers)(wide, targets=0)
     result = mc.LeGrad(net, layers, reshape=(2, 8))(wide, targets=0, **PLAIN)
     assert result.raw.shape == (1, 1, 2, 8)
+
+
+def test_a_layer_the_scores_do_not_use_is_named_not_zeroed() -> None:
+    """As on Keras and JAX: a layer off the path to the output is an error, not zeros."""
+    torch = _torch()
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.aux = torch.nn.Conv2d(4, 2, 1)  # runs, but nothing uses its output
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x: Any) -> Any:
+            a = self.conv(x)
+            self.aux(a)
+            return self.head(a.mean(dim=(2, 3)))
+
+    net = Net().eval()
+    bound = mc.GradCAM(net, "conv").bound
+    with pytest.raises(mc.LayerError, match=r"do not depend on layers \['aux'\]"):
+        bound.tensor_gradients(_x((1, 3, 4, 4)), Targets.parse(0, 1), ["conv", "aux"])
+    found = bound.tensor_gradients(_x((1, 3, 4, 4)), Targets.parse(0, 1), ["conv"])
+    assert found.gradients["conv"].shape == (1, 1, 4, 4, 4)

@@ -672,7 +672,15 @@ class TorchBoundModel(BoundModel):
                     "layers on the path from the input to the output."
                 )
             grads = _batched_vjp_many(scores, wrt, keep_saved=keep_saved)
-        arrays = [grad.detach().float().cpu().numpy() for grad in grads]
+        unused = [name for name, grad in zip(recorded, grads, strict=False) if grad is None]
+        if unused:  # as the other backends: no silent zeros for a layer off the path
+            raise LayerError(
+                f"the target scores do not depend on layers {unused!r}: their outputs are not "
+                "used on the way to the model's outputs; name layers the scores depend on."
+            )
+        if input_gradients and grads[-1] is None:  # the layers depend on it, so never
+            raise InputError("the target scores do not depend on the input.")
+        arrays = [grad.detach().float().cpu().numpy() for grad in grads if grad is not None]
         values = {name: t[0].detach().float().cpu().numpy() for name, t in recorded.items()}
         gradients = dict(zip(recorded, arrays, strict=False))
         for name in recorded:
@@ -1052,11 +1060,11 @@ def _saved_tensor_errors(keep_saved: bool) -> Iterator[None]:
 
 def _batched_vjp_many(
     scores: torch.Tensor, tensors: list[torch.Tensor], *, keep_saved: bool
-) -> list[torch.Tensor]:
+) -> list[torch.Tensor | None]:
     """``(N, T, *A_i)`` gradients of each target column w.r.t. each of ``tensors``.
 
-    As :func:`_batched_vjp`, for several tensors in one backward pass; a tensor the scores
-    do not depend on gets zeros.
+    As :func:`_batched_vjp`, for several tensors in one backward pass; ``None`` for a
+    tensor the scores do not depend on.
     """
     n_targets = scores.shape[1]
     grads: tuple[torch.Tensor | None, ...]
@@ -1092,12 +1100,7 @@ def _batched_vjp_many(
                     else torch.stack([c for c in column if c is not None], 1)
                     for column in zip(*columns, strict=True)
                 )
-    return [
-        torch.zeros((scores.shape[0], n_targets, *t.shape[1:]), dtype=t.dtype, device=t.device)
-        if g is None
-        else g
-        for g, t in zip(grads, tensors, strict=True)
-    ]
+    return list(grads)
 
 
 def _batched_vjp_once(scores: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
