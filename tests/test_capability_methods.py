@@ -479,3 +479,20 @@ def test_a_layer_the_scores_do_not_use_is_named_not_zeroed() -> None:
         bound.tensor_gradients(_x((1, 3, 4, 4)), Targets.parse(0, 1), ["conv", "aux"])
     found = bound.tensor_gradients(_x((1, 3, 4, 4)), Targets.parse(0, 1), ["conv"])
     assert found.gradients["conv"].shape == (1, 1, 4, 4, 4)
+
+
+def test_full_grad_leaves_the_callers_input_alone_when_the_model_writes_into_it() -> None:
+    torch = _torch()
+
+    class Scaling(torch.nn.Module):
+        def forward(self, x: Any) -> Any:
+            return x.mul_(2.0)  # in place, as some preprocessing layers do
+
+    model = torch.nn.Sequential(Scaling(), _conv_bn_net())
+    x = _x((1, 3, 8, 8))
+    before = x.copy()
+    tensor = torch.from_numpy(x.copy())
+    mc.FullGrad(model)(x, targets=0, warn=False)
+    mc.FullGrad(model)(tensor, targets=0, warn=False)
+    np.testing.assert_array_equal(x, before)
+    np.testing.assert_array_equal(tensor.numpy(), before)

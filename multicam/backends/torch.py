@@ -642,9 +642,9 @@ class TorchBoundModel(BoundModel):
             handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
             handles.append(module.register_forward_hook(after, with_kwargs=True))
 
-        x = _private(x).detach()
-        if input_gradients:
-            x.requires_grad_(True)
+        # The model runs on a copy (it may modify its input in place); with input gradients
+        # the copy is made from the leaf they are taken at, as in guided_gradients.
+        x = x.detach().requires_grad_(True) if input_gradients else _private(x)
         try:
             for name, module in resolved:
                 if isinstance(module, torch.nn.MultiheadAttention):
@@ -652,7 +652,7 @@ class TorchBoundModel(BoundModel):
                 else:
                     handles.append(module.register_forward_hook(output_hook(name)))
             with self._forward(x, grad=True, keep_saved=keep_saved) as training:
-                outputs = self.model(x if not input_gradients else x.clone())
+                outputs = self.model(x.clone() if input_gradients else x)
         finally:
             for handle in handles:
                 handle.remove()
