@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from . import algebra
-from .backends import Backend, LayerGradients
+from .backends import Backend, LayerGradients, resolve_backend
 from .backends.base import input_spatial_shape
 from .cam import (
     CAM,
@@ -49,6 +49,7 @@ from .cam import (
     _Pass,
 )
 from .errors import InputError, OptionError, TargetError
+from .guided import _any_layer
 from .perturbation import ScoreCAM, _as_numpy, _check_batch_size, _Perturbation, _softmax
 from .targets import TargetLike, Targets
 
@@ -1385,13 +1386,9 @@ class FullGrad(_MapMethod):
         output: int | str | None = None,
         **options: Any,
     ) -> None:
-        from .guided import _bind
-
-        self.output = output
-        self.reshape = None
-        self.layer_layout = "auto"
-        self.algebra = "numpy"
-        self.bound = _bind(model, layer, backend, options, need_layer=False)
+        if layer is None:  # any layer binds: the gradients are taken at every bias layer
+            layer = _any_layer(resolve_backend(model, backend), model, options)
+        super().__init__(model, layer, backend=backend, output=output, **options)
 
     @property
     def layer(self) -> str:
