@@ -1563,8 +1563,9 @@ class LeGrad(CAM):
                 "[f'blocks.{i}.attn.softmax' for i in range(depth)]."
             )
         self.layers = list(layers)
-        super().__init__(model, self.layers[0], backend=backend, output=output, **options)
-        self.reshape = None if reshape is None else TokenGrid.of(reshape)
+        super().__init__(
+            model, self.layers[0], backend=backend, output=output, reshape=reshape, **options
+        )
 
     @property
     def layer(self) -> str:
